@@ -1,0 +1,133 @@
+"""hyena.py: the FFT long convolution, the implicit filter and the operator."""
+import pytest
+import torch
+
+from hyena import HyenaFilter, HyenaOperator, fft_size, fftconv
+from model import GPT, GPTConfig
+
+
+def direct_causal_conv(u, k, D):
+    """O(L^2) reference in float64."""
+    u, k = u.double(), k.double()
+    L = u.shape[-1]
+    y = D.double()[:, None] * u
+    for s in range(k.shape[-1]):
+        y[..., s:] += k[:, s, None] * u[..., :L - s]
+    return y
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize('L', [1, 2, 7, 64, 1000, 1537])
+def test_fftconv_equals_direct_convolution(L):
+    u, k, D = torch.randn(2, 3, L), torch.randn(3, L), torch.randn(3)
+    assert rel_err(fftconv(u, k, D), direct_causal_conv(u, k, D)) < 1e-5
+
+
+@pytest.mark.parametrize('L,Lk', [(7, 3), (64, 1), (1537, 500)])
+def test_fftconv_with_a_shorter_filter(L, Lk):
+    u, k, D = torch.randn(2, 3, L), torch.randn(3, Lk), torch.randn(3)
+    assert rel_err(fftconv(u, k, D), direct_causal_conv(u, k, D)) < 1e-5
+
+
+def test_fftconv_keeps_dtype_and_runs_under_bf16_autocast():
+    u, k = torch.randn(2, 3, 100), torch.randn(3, 100)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = fftconv(u.bfloat16(), k)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, fftconv(u, k)) < 2e-2
+
+
+def test_fft_size_is_even_smooth_and_large_enough():
+    for n in [1, 2, 3, 127, 1000, 2049, 3001, 65537]:
+        m = fft_size(n)
+        assert m >= n and m % 2 == 0
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        assert m == 1
+    assert fft_size(2049) < 4096  # less padding than the next power of two
+
+
+def test_filter_prefix_property():
+    f = HyenaFilter(8, l_max=64)
+    assert torch.allclose(f(100), f(200)[:, :100], atol=1e-6)
+
+
+def test_filter_features_are_not_degenerate():
+    z, _ = HyenaFilter(8, l_max=64).features(64, 'cpu')
+    assert z.std(dim=0)[1:].min() > 0.1  # every sin/cos band varies along the sequence
+
+
+def test_operator_shape_at_lengths_beyond_l_max():
+    op = HyenaOperator(16, l_max=32)
+    for L in (1, 31, 100):
+        assert op(torch.randn(2, L, 16)).shape == (2, L, 16)
+
+
+def assert_causal(fn, x, t):
+    """Changing x from position t on leaves every output before t unchanged."""
+    y = fn(x)
+    x2 = x.clone()
+    x2[:, t:] = torch.randn_like(x2[:, t:]) * 10
+    y2 = fn(x2)
+    scale = y.abs().max()
+    assert ((y[:, :t] - y2[:, :t]).abs().max() / scale) < 1e-5
+    assert ((y[:, t:] - y2[:, t:]).abs().max() / scale) > 1e-3  # the later outputs did change
+
+
+@pytest.mark.parametrize('order', [2, 3])
+def test_operator_is_causal(order):
+    op = HyenaOperator(16, l_max=64, order=order)
+    assert_causal(op, torch.randn(2, 64, 16), t=37)
+
+
+def test_hyena_model_is_causal():
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=16, hyena_layers=[0, 1]))
+    embed = lambda idx: model(idx, idx)[0]
+    idx = torch.randint(0, 50, (2, 64))
+    y = embed(idx)
+    idx2 = idx.clone()
+    idx2[:, 40:] = (idx2[:, 40:] + 1) % 50
+    y2 = embed(idx2)
+    assert (y[:, :40] - y2[:, :40]).abs().max() / y.abs().max() < 1e-5
+    assert (y[:, 40:] - y2[:, 40:]).abs().max() > 0
+
+
+def test_operator_gradients_are_finite():
+    op = HyenaOperator(16, l_max=64)
+    x = torch.randn(2, 64, 16, requires_grad=True)
+    op(x).square().mean().backward()
+    grads = [x.grad] + [p.grad for p in op.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_operator_bf16_autocast_close_to_fp32():
+    op = HyenaOperator(32, l_max=128)
+    x = torch.randn(2, 128, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y_bf16 = op(x)
+    assert rel_err(y_bf16.float(), op(x)) < 2e-2
+
+
+def test_compiled_operator_equals_eager():
+    op = HyenaOperator(16, l_max=64)
+    x = torch.randn(2, 64, 16)
+    compiled = torch.compile(op)
+    assert rel_err(compiled(x), op(x)) < 1e-5
+
+
+def test_model_trained_short_runs_long():
+    cfg = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=16, hyena_layers=[0, 1], pos_emb=False)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        idx = torch.randint(0, 50, (4, 65))
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    logits, _ = model(torch.randint(0, 50, (1, 1024)), torch.randint(0, 50, (1, 1024)))
+    assert logits.shape == (1, 1024, 50) and torch.isfinite(logits).all()

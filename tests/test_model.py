@@ -1,0 +1,112 @@
+"""model.py: one GPT for teacher, student and hybrids."""
+import pytest
+import torch
+
+from hyena import HyenaOperator, filter_parameters
+from model import GPT, GPTConfig, CausalSelfAttention
+
+TINY = dict(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=16)
+
+
+def test_forward_shapes_and_loss():
+    model = GPT(GPTConfig(**TINY))
+    idx = torch.randint(0, 64, (2, 32))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 32, 64) and loss.shape == ()
+    assert abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.5  # near uniform at init
+    logits, loss = model(idx)
+    assert logits.shape == (2, 1, 64) and loss is None
+
+
+def test_hyena_layers_choose_the_mixer_per_layer():
+    model = GPT(GPTConfig(**TINY, hyena_layers=[1]))
+    kinds = [type(b.mixer) for b in model.transformer.h]
+    assert kinds == [CausalSelfAttention, HyenaOperator, CausalSelfAttention]
+
+
+def test_hyena_layers_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match='out of range'):
+        GPTConfig(**TINY, hyena_layers=[3])
+
+
+def test_model_rebuilds_from_its_config():
+    model = GPT(GPTConfig(**TINY, hyena_layers=[0, 2]))
+    import dataclasses
+    clone = GPT(GPTConfig(**dataclasses.asdict(model.config)))
+    clone.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 64, (1, 32))
+    assert torch.equal(model(idx, idx)[0], clone(idx, idx)[0])
+
+
+def test_longer_than_block_size_is_a_clear_error():
+    with pytest.raises(ValueError, match='block_size'):
+        GPT(GPTConfig(**TINY))(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize('hyena_layers', [[], [0, 1, 2], [1]])
+def test_cached_forward_matches_full_forward(hyena_layers):
+    model = GPT(GPTConfig(**TINY, hyena_layers=hyena_layers)).eval()
+    idx = torch.randint(0, 64, (2, 32))
+    full, _ = model(idx, idx)
+    cache = model.new_cache(32)
+    steps = [model(idx[:, :20], cache=cache)[0][:, -1]]
+    steps += [model(idx[:, t:t + 1], cache=cache)[0][:, -1] for t in range(20, 32)]
+    assert (torch.stack(steps, 1) - full[:, 19:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize('hyena_layers', [[], [0, 1, 2]])
+def test_generate_with_and_without_cache_equal(hyena_layers):
+    model = GPT(GPTConfig(**TINY, hyena_layers=hyena_layers)).eval()
+    idx = torch.randint(0, 64, (2, 5))
+    torch.manual_seed(0)
+    cached = model.generate(idx, 40, use_cache=True)  # 45 tokens: passes block_size, rebuilds the cache
+    torch.manual_seed(0)
+    plain = model.generate(idx, 40, use_cache=False)
+    assert cached.shape == (2, 45)
+    assert torch.equal(cached[:, :32], plain[:, :32])  # identical while the context fits the window
+
+
+def test_optimizer_groups_filter_params_without_decay():
+    model = GPT(GPTConfig(**TINY, hyena_layers=[0]))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', filter_lr_scale=0.5)
+    filter_ids = {id(p) for p in filter_parameters(model)}
+    filter_group = [g for g in opt.param_groups if {id(p) for p in g['params']} == filter_ids]
+    assert filter_ids and len(filter_group) == 1
+    assert filter_group[0]['weight_decay'] == 0.0 and filter_group[0]['lr'] == pytest.approx(5e-4)
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g['params'])
+    assert n_opt == sum(p.numel() for p in model.parameters())
+
+
+def test_mfu_is_none_without_a_known_gpu():
+    model = GPT(GPTConfig(**TINY))
+    assert model.estimate_mfu(1, 0.1) is None or not torch.cuda.is_available()
+    assert model.flops_per_token(32) > 6 * model.get_num_params()
+
+
+def test_huggingface_gpt2_logits_match(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init, so a mapping error cannot hide in tiny logits
+        for p in hf.parameters():
+            p.mul_(10 if p.dim() >= 2 else 1)
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 100, (2, 64))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = model(idx, idx)
+    assert expected.abs().max() > 1
+    assert (logits - expected).abs().max() < 1e-4
+
+
+def test_from_pretrained_hub_name_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(SystemExit, match='local folder'):
+        GPT.from_pretrained('gpt2')
+
+
+def test_from_pretrained_unknown_name_is_a_clear_error():
+    with pytest.raises(SystemExit, match='neither a GPT-2 name'):
+        GPT.from_pretrained('no-such-model')
