@@ -1,0 +1,477 @@
+"""
+Scavenging Hyena (Ralambomihanta et al., arXiv:2401.17574): distil a GPT teacher into a student whose
+attention layers are replaced, layer by layer, by Hyena operators; then train the same student
+architecture from scratch on the same tokens, the paper's baseline, and write a report comparing them.
+
+    python distill.py config/distill_pystdlib_cpu.py                   # the embedded demo, CPU
+    python distill.py config/distill_pystdlib_gpu.py                   # one GPU
+    torchrun --standalone --nproc_per_node=8 distill.py config/distill_gpt2.py   # GPT-2 124M, 8 GPUs
+    python distill.py config/distill_pystdlib_cpu.py --init_from=resume          # continue a stopped run
+
+Stages, each with its own iterations and learning rate (0 iterations skips a stage):
+  align    the paper's progressive knowledge transfer: per replaced layer, the MSE between the Hyena
+           operator's output and the teacher attention's output on the same input, normalised by the
+           target's mean square (so it reads as a relative error, comparable across layers).
+           align_mode='progressive': layers are replaced one at a time, in order; layer i trains on the
+           inputs that the student's already distilled layers 0..i-1 produce (align_iters split evenly).
+           align_mode='parallel': all layers at once, each on the teacher's own inputs.
+  kd       end to end on the logits: alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE(labels)
+           (Hinton et al. 2015); the teacher frozen, eval mode, no grad.
+  scratch  the same student architecture from random init, CE only, on the same tokens (by default as
+           many as align + kd used, and the very same batches).
+The teacher is a train_teacher.py checkpoint, a GPT-2 name or a local Hugging Face GPT-2 folder.
+Writes out_dir/ckpt.pt (the student; sample.py loads it), log.jsonl and report.{md,json,png}.
+SIGTERM / SIGINT: saves ckpt.pt mid-stage and exits; --init_from=resume continues with the same losses.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import training as T
+from configurator import configure
+from hyena import HyenaOperator
+from model import GPT, GPTConfig, peak_flops
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-distill'
+teacher = 'out-teacher/ckpt.pt'  # train_teacher.py checkpoint, 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
+init_from = 'teacher'  # 'teacher': start a distillation; 'resume': continue out_dir/ckpt.pt
+dataset = 'pystdlib'
+data_dir = ''  # default: data/<dataset> next to this script
+batch_size = 12  # per rank and micro-step
+block_size = 0  # 0: the teacher's block_size
+gradient_accumulation_steps = 1  # global: divided among DDP ranks
+# the student
+hyena_layers = 'all'  # which attention layers become Hyena: 'all', a list [0, 2] or a string '0,2'
+seed_from_attention = True  # in_proj <- c_attn (q, k, v -> x0, x1, v), out_proj <- c_proj, short conv = identity
+hyena_order = 2
+hyena_filter_order = 64
+hyena_emb_dim = 33
+hyena_filter_freq = 14.0
+hyena_short_filter_order = 3
+filter_lr_scale = 1.0  # Hyena filter parameters train at lr * filter_lr_scale, without weight decay
+# stage align
+align_iters = 100  # 0 skips; progressive mode gives each layer align_iters // len(hyena_layers)
+align_lr = 1e-3
+align_mode = 'progressive'  # 'progressive' or 'parallel'
+# stage kd
+kd_iters = 500
+kd_lr = 6e-4
+kd_alpha = 0.5  # weight of the KL term; 1 - alpha weighs the cross-entropy on the labels
+kd_temperature = 1.0
+kd_freeze_copied = False  # True: only the Hyena operators train, every weight copied from the teacher is frozen
+# stage scratch (the baseline)
+scratch_iters = -1  # -1: as many as align + kd (the same student token budget); 0 skips
+scratch_lr = 6e-4
+# optimizer and schedule (per stage: linear warmup, cosine to lr * min_lr_ratio)
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+warmup_iters = 20
+min_lr_ratio = 0.1
+skip_nonfinite = False  # on a NaN/inf loss: False stops the run, True skips that step
+# evaluation and logs
+eval_interval = 100  # per stage; also writes a checkpoint
+eval_iters = 20
+# system
+device = 'auto'
+dtype = 'auto'
+compile = True
+seed = 1337
+# -----------------------------------------------------------------------------
+config = configure(globals())
+if align_mode not in ('progressive', 'parallel'):
+    T.fail(f"align_mode='{align_mode}' is not 'progressive' or 'parallel'")
+
+dist = T.setup_distributed(device)
+master = dist.master
+accum = T.per_rank(gradient_accumulation_steps, dist.world_size)
+prec = T.setup_precision(dist.device, dtype)
+device_type = 'cuda' if dist.device.startswith('cuda') else 'cpu'
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+
+# ---- the teacher: frozen, eval mode
+if teacher.endswith('.pt'):
+    teacher_ckpt = T.load_checkpoint(teacher)
+    teacher_model = T.model_from_checkpoint(teacher_ckpt)
+    teacher_tokens = teacher_ckpt.get('tokens_seen')
+    del teacher_ckpt
+else:
+    teacher_model, teacher_tokens = GPT.from_pretrained(teacher), None
+if teacher_model.config.hyena_layers:
+    T.fail(f"teacher {teacher} already has Hyena layers {teacher_model.config.hyena_layers}; distil from a GPT")
+teacher_model.to(dist.device).eval().requires_grad_(False)
+block_size = block_size or teacher_model.config.block_size
+if block_size > teacher_model.config.block_size:
+    T.fail(f"block_size {block_size} exceeds the teacher's {teacher_model.config.block_size}; lower --block_size")
+layers = T.parse_layers(hyena_layers, teacher_model.config.n_layer)
+if not layers:
+    T.fail("hyena_layers selects no layer: nothing to distil; use 'all' or a list of layer indices")
+
+data = T.TokenData(data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset),
+                   block_size, batch_size, dist.device, vocab_size=teacher_model.config.vocab_size,
+                   seed=seed, rank=dist.rank, dataset=dataset)
+tokens_per_iter = accum * dist.world_size * batch_size * block_size
+stage_iters = {'align': align_iters, 'kd': kd_iters,
+               'scratch': align_iters + kd_iters if scratch_iters < 0 else scratch_iters}
+STAGES = [s for s in ('align', 'kd', 'scratch') if stage_iters[s] > 0]
+if not STAGES:
+    T.fail("every stage has 0 iterations: set align_iters, kd_iters or scratch_iters")
+# the scratch baseline draws the very batches the distilled student saw: batch index = stage offset + iteration
+batch_offset = {'align': 0, 'kd': align_iters, 'scratch': 0}
+HYENA_ARGS = dict(hyena_order=hyena_order, hyena_filter_order=hyena_filter_order, hyena_emb_dim=hyena_emb_dim,
+                  hyena_filter_freq=hyena_filter_freq, hyena_short_filter_order=hyena_short_filter_order)
+
+
+def replace_with_hyena(student, i):
+    """Swap block i's attention for a Hyena operator; seed its projections from that attention."""
+    cfg = student.config
+    attn = student.transformer.h[i].mixer
+    op = HyenaOperator(cfg.n_embd, cfg.block_size, order=cfg.hyena_order, filter_order=cfg.hyena_filter_order,
+                       short_filter_order=cfg.hyena_short_filter_order, dropout=cfg.dropout,
+                       emb_dim=cfg.hyena_emb_dim, filter_freq=cfg.hyena_filter_freq, bias=cfg.bias)
+    if seed_from_attention:
+        D, N = cfg.n_embd, cfg.hyena_order
+        with torch.no_grad():  # streams x0, x1 .. x_{N-1}, v  <-  q, k, (fresh), v
+            for dst, src in ((0, 0), (1, 1), (N, 2)):
+                op.in_proj.weight[dst * D:(dst + 1) * D] = attn.c_attn.weight[src * D:(src + 1) * D]
+                if cfg.bias:
+                    op.in_proj.bias[dst * D:(dst + 1) * D] = attn.c_attn.bias[src * D:(src + 1) * D]
+            op.out_proj.load_state_dict(attn.c_proj.state_dict())
+            op.short_filter.weight.zero_()
+            op.short_filter.weight[..., -1] = 1.0  # the current position only: x0, x1, v start as q, k, v
+            op.short_filter.bias.zero_()
+    student.transformer.h[i].mixer = op.to(attn.c_attn.weight.device)
+    cfg.hyena_layers = sorted(set(cfg.hyena_layers) | {i})
+
+
+def new_student():
+    """A copy of the teacher (attention everywhere) carrying the Hyena settings; layers get replaced later."""
+    args = dataclasses.asdict(teacher_model.config) | HYENA_ARGS | dict(block_size=block_size)
+    student = GPT(GPTConfig(**args))
+    state = teacher_model.state_dict()
+    if block_size < teacher_model.config.block_size:
+        state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:block_size]
+    student.load_state_dict(state)
+    return student.to(dist.device)
+
+
+def check_compatible(student):
+    t, s = teacher_model.config, student.config
+    for key in ('vocab_size', 'n_embd', 'n_layer'):
+        if getattr(t, key) != getattr(s, key):
+            T.fail(f"teacher {teacher} and student {ckpt_path} differ in {key} ({getattr(t, key)} vs "
+                   f"{getattr(s, key)}): resume with the teacher this student was distilled from")
+
+
+# ---- state: fresh or resumed
+history, throughput = [], {}  # eval records (for the report), tokens/s per stage
+stage, stage_it, opt_state, opt_key, scratch_state, last_saved = STAGES[0], 0, None, None, None, None
+if init_from == 'resume':
+    ckpt = T.load_checkpoint(ckpt_path)
+    student = T.model_from_checkpoint(ckpt).to(dist.device)
+    check_compatible(student)
+    stage, stage_it, opt_state, opt_key = ckpt['stage'], ckpt['stage_iter'], ckpt['optimizer'], ckpt['opt_key']
+    history, throughput, scratch_state = ckpt['history'], ckpt['throughput'], ckpt.get('scratch_model')
+    T.agree_across_ranks(stage_rank(stage) * 10 ** 9 + stage_it, dist)
+    last_saved = (stage, stage_it)
+    del ckpt
+elif init_from == 'teacher':
+    student = new_student()
+else:
+    T.fail(f"init_from='{init_from}' is not 'teacher' or 'resume'")
+scratch = None
+if stage == 'scratch' or scratch_state is not None:
+    scratch = GPT(GPTConfig(**dataclasses.asdict(student.config))).to(dist.device)
+    if scratch_state is not None:
+        scratch.load_state_dict(T.clean_state_dict(scratch_state))
+logger = T.JsonlLogger(os.path.join(out_dir, 'log.jsonl'), enabled=master)
+stop = T.StopFlag()
+if master:
+    print(f"teacher {teacher}: {teacher_model.get_num_params() / 1e6:.2f}M parameters; replacing layers {layers} "
+          f"({align_mode} align); stages {', '.join(f'{s} {stage_iters[s]} it' for s in STAGES)}; "
+          f"{tokens_per_iter:,} tokens per iteration; device {dist.device}, {prec.dtype}")
+
+
+def save(stage_name, it, optimizer, key):
+    """ckpt.pt holds everything needed to continue mid-stage (master writes; every rank waits)."""
+    global last_saved
+    if master:
+        T.save_checkpoint({
+            'model': student.state_dict(), 'model_args': dataclasses.asdict(student.config),
+            'scratch_model': scratch.state_dict() if scratch is not None else None,
+            'stage': stage_name, 'stage_iter': it, 'optimizer': optimizer.state_dict() if optimizer else None,
+            'opt_key': key, 'history': history, 'throughput': throughput, 'config': config, 'kind': 'student',
+        }, ckpt_path)
+    last_saved = (stage_name, it)
+    T.barrier(dist)
+
+
+@torch.no_grad()
+def evaluate(model):
+    return T.estimate_loss(model, data, eval_iters, prec.ctx, dist, splits=('val',))['val']
+
+
+def allreduce_grads(params):
+    """Average gradients over ranks (the align stage trains a few modules directly, without DDP)."""
+    if dist.ddp:
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+
+
+def align_loss(X, train_layers, stream_model):
+    """Relative MSE between each trained layer's Hyena output and the teacher's attention output on the
+    same input; the inputs come from stream_model's residual stream (student: progressive, teacher: parallel)."""
+    losses = {}
+    with torch.no_grad():
+        x = stream_model.embed(X)
+    for j, block in enumerate(stream_model.transformer.h[:max(train_layers) + 1]):
+        with torch.no_grad():
+            inp = block.ln_1(x)
+        if j in train_layers:
+            with torch.no_grad():
+                target = teacher_model.transformer.h[j].mixer(inp).float()
+            pred = student.transformer.h[j].mixer(inp).float()
+            losses[j] = (pred - target).pow(2).mean() / target.pow(2).mean()
+        if j < max(train_layers):
+            with torch.no_grad():
+                x = block(x)
+    return losses
+
+
+def kd_loss(student_logits, teacher_logits, targets, alpha, temperature):
+    ce = F.cross_entropy(student_logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+    if alpha == 0:
+        return ce
+    s = F.log_softmax(student_logits.flatten(0, 1).float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.flatten(0, 1).float() / temperature, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction='batchmean')
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+
+
+def write_report():
+    """report.json, report.md (the comparison table and the curves) and report.png (val loss against
+    tokens for distilled and scratch students, the teacher as a line) in out_dir."""
+    def last(run):
+        vals = [h for h in history if h['run'] == run]
+        return vals[-1] if vals else None
+
+    student_tokens = (align_iters + kd_iters) * tokens_per_iter
+    rows = [dict(model=f"teacher ({teacher})", params=teacher_model.get_num_params(), tokens=teacher_tokens,
+                 val_loss=teacher_val, tokens_per_sec=None)]
+    for run, name, stage_name in (('distilled', 'distilled student', 'kd'), ('scratch', 'scratch student', 'scratch')):
+        final = last(run)
+        if final is not None:
+            model = student if run == 'distilled' else scratch
+            rows.append(dict(model=f"{name} (layers {layers} Hyena)", params=model.get_num_params(),
+                             tokens=final['tokens'] if run == 'scratch' else student_tokens,
+                             val_loss=final['val_loss'], tokens_per_sec=throughput.get(stage_name)))
+    for r in rows:
+        r['val_ppl'] = math.exp(r['val_loss'])
+    report = dict(config=config, teacher_val_loss=teacher_val, rows=rows, curves=history)
+    with open(os.path.join(out_dir, 'report.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    fmt = lambda v, spec: 'n/a' if v is None else format(v, spec)
+    lines = [f"# Scavenging Hyena: distilled vs scratch ({dataset})", "",
+             "| model | parameters | tokens trained | val loss | val ppl | train tokens/s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['params'] / 1e6:.2f}M | {fmt(r['tokens'], ',')} | {r['val_loss']:.4f} | "
+              f"{r['val_ppl']:.2f} | {fmt(r['tokens_per_sec'], ',')} |" for r in rows]
+    lines += ["", "Val loss against tokens (the student's budget counts align and kd tokens):", "",
+              "| run | stage | tokens | val loss |", "|---|---|---|---|"]
+    lines += [f"| {h['run']} | {h['stage']} | {h['tokens']:,} | {h['val_loss']:.4f} |" for h in history]
+    with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: report.png skipped (pip install matplotlib)")
+        return '\n'.join(lines[:len(rows) + 4])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in ('distilled', 'scratch'):
+        pts = [(h['tokens'], h['val_loss']) for h in history if h['run'] == run]
+        if pts:
+            ax.plot(*zip(*pts), marker='o', ms=3, label=f"{run} student")
+    ax.axhline(teacher_val, color='k', ls='--', label='teacher')
+    ax.set_xlabel('tokens trained (student)')
+    ax.set_ylabel('val loss')
+    ax.set_title(f'Hyena student, distilled vs from scratch ({dataset})')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, 'report.png'), dpi=120)
+    plt.close(fig)
+    return '\n'.join(lines[:len(rows) + 4])
+
+
+def phases():
+    """(stage, phase_start, phase_iters, train_layers) for every phase in order: progressive align has one
+    phase per layer, every other stage one phase."""
+    for s in STAGES:
+        if s == 'align' and align_mode == 'progressive':
+            per = max(1, align_iters // len(layers))
+            for n, i in enumerate(layers):
+                yield s, n * per, per if n < len(layers) - 1 else align_iters - n * per, [i]
+        else:
+            yield s, 0, stage_iters[s], layers
+
+
+def stage_rank(name):
+    return STAGES.index(name) if name in STAGES else len(STAGES)  # 'done' comes after every stage
+
+
+teacher_val = evaluate(teacher_model)
+if master:
+    print(f"teacher val loss {teacher_val:.4f} (ppl {math.exp(teacher_val):.2f})")
+teacher_fwd, loss_fn = teacher_model, kd_loss  # compiled versions replace them in the kd stage
+peak = peak_flops(dist.device) if device_type == 'cuda' else None
+
+for stage_name, phase_start, phase_iters, train_layers in phases():
+    phase_end = phase_start + phase_iters
+    done = stage_rank(stage_name) < stage_rank(stage) or (stage_name == stage and stage_it >= phase_end)
+    if done or phase_iters <= 0:
+        continue
+    it = max(stage_it, phase_start) if stage_name == stage else phase_start
+    key = f"{stage_name}:{train_layers[0]}" if stage_name == 'align' and align_mode == 'progressive' else stage_name
+
+    # what trains in this phase, with which loss
+    if stage_name == 'align':
+        for i in train_layers:
+            if i not in student.config.hyena_layers:
+                replace_with_hyena(student, i)
+        student.requires_grad_(False)
+        for i in train_layers:
+            student.transformer.h[i].mixer.requires_grad_(True)
+        stream_model = student if align_mode == 'progressive' else teacher_model
+        run_model, lr_max, raw = student, align_lr, student
+    elif stage_name == 'kd':
+        for i in layers:
+            if i not in student.config.hyena_layers:
+                replace_with_hyena(student, i)
+        student.requires_grad_(not kd_freeze_copied)
+        for i in layers:
+            student.transformer.h[i].mixer.requires_grad_(True)
+        raw, lr_max = student, kd_lr
+    else:
+        if scratch is None:
+            torch.manual_seed(seed)  # the same random init on every rank
+            scratch = GPT(GPTConfig(**dataclasses.asdict(student.config))).to(dist.device)
+        raw, lr_max = scratch, scratch_lr
+    raw.train()
+    optimizer = raw.configure_optimizers(weight_decay, lr_max, (beta1, beta2), device_type, filter_lr_scale)
+    if opt_state is not None and opt_key == key and stage_name == stage:
+        optimizer.load_state_dict(opt_state)
+    opt_state = None
+    alpha = kd_alpha if stage_name == 'kd' else 0.0
+    if stage_name != 'align':
+        run_model = raw
+        if compile:
+            run_model, ok = T.compile_model(raw, data.get_batch('train', 0), prec.ctx)
+            if ok and alpha > 0:
+                teacher_fwd, loss_fn = torch.compile(teacher_model), torch.compile(kd_loss)
+        if dist.ddp:
+            run_model = DDP(run_model, device_ids=[dist.local_rank] if device_type == 'cuda' else None)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    bar = T.Progress(phase_end, initial=it, enabled=master, desc=key)
+    t0, rate = time.time(), None
+
+    while it < phase_end:
+        if stop.requested(dist):
+            if last_saved != (stage_name, it):
+                save(stage_name, it, optimizer, key)
+            bar.close()
+            print(f"stopped by {stop.name} in stage {stage_name} at iteration {it}; resume with --init_from=resume",
+                  flush=True)
+            T.cleanup_distributed(dist)
+            raise SystemExit(stop.exit_code)
+        lr = T.get_lr(it - phase_start, lr_max, warmup_iters, phase_iters, lr_max * min_lr_ratio)
+        T.set_lr(optimizer, lr)
+        index = batch_offset[stage_name] + it
+        T.seed_step(seed, dist.rank, index)
+        loss_sum, layer_err = torch.zeros((), device=dist.device), {}
+        for micro in range(accum):
+            X, Y = data.get_batch('train', index * accum + micro)
+            with prec.ctx:
+                if stage_name == 'align':
+                    errs = align_loss(X, train_layers, stream_model)
+                    loss = sum(errs.values()) / accum
+                    for j, e in errs.items():
+                        layer_err[j] = layer_err.get(j, 0.0) + e.item() / accum
+                else:
+                    if dist.ddp:  # sync only on the last micro-step, set before its forward pass
+                        run_model.require_backward_grad_sync = (micro == accum - 1)
+                    logits, ce = run_model(X, Y)
+                    if alpha > 0:
+                        with torch.no_grad():
+                            teacher_logits, _ = teacher_fwd(X, Y)
+                        loss = loss_fn(logits, teacher_logits, Y, alpha, kd_temperature) / accum
+                    else:
+                        loss = ce / accum
+            prec.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        if stage_name == 'align':
+            allreduce_grads(params)
+        grad_norm = None
+        if grad_clip != 0.0:
+            prec.scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist):
+            if not skip_nonfinite:
+                bar.close()
+                kept = f"the last good checkpoint {ckpt_path} ({last_saved}) is kept" if last_saved else "no checkpoint yet"
+                T.fail(f"non-finite loss in stage {stage_name} at iteration {it}: stopping; {kept}. Lower the "
+                       f"learning rate, or pass --skip_nonfinite=True to skip such steps")
+            bar.write(f"{key} iteration {it}: non-finite loss; step skipped (skip_nonfinite=True)")
+        else:
+            prec.scaler.step(optimizer)
+            prec.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        it += 1
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        rate = tokens_per_iter / dt if rate is None else 0.9 * rate + 0.1 * tokens_per_iter / dt
+        lossf = loss_sum.item()
+        mfu = None
+        if stage_name != 'align' and peak:  # student forward + backward, plus the teacher's forward in kd
+            flops = raw.flops_per_token(block_size) + (teacher_model.flops_per_token(block_size) / 3 if alpha else 0)
+            mfu = flops * batch_size * accum * block_size / dt / peak
+        bar.update(lossf, lr, rate, mfu)
+        record = dict(run='scratch' if stage_name == 'scratch' else 'distilled', stage=stage_name, iter=it,
+                      loss=lossf, lr=lr, tokens_per_sec=round(rate))
+        if layer_err:
+            record['layer_rel_err'] = {str(j): round(e, 5) for j, e in layer_err.items()}
+        logger.log(**record)
+        throughput[stage_name] = round(rate)
+
+        if it % eval_interval == 0 or it == phase_end:
+            val = evaluate(raw)
+            tokens = (batch_offset[stage_name] + it) * tokens_per_iter
+            history.append(dict(run=record['run'], stage=stage_name, tokens=tokens, val_loss=val))
+            errs = ''.join(f", layer {j} rel. err {e:.4f}" for j, e in layer_err.items())
+            bar.write(f"{key} it {it}: loss {lossf:.4f}{errs}; val loss {val:.4f} (ppl {math.exp(val):.2f}), "
+                      f"teacher {teacher_val:.4f} (ppl {math.exp(teacher_val):.2f})")
+            logger.log(run=record['run'], stage=stage_name, iter=it, tokens=tokens, val_loss=val, teacher_val_loss=teacher_val)
+            save(stage_name, it, optimizer, key)
+            t0 = time.time()
+    bar.close()
+    stage, stage_it = stage_name, it
+
+if last_saved != ('done', 0):
+    save('done', 0, None, None)
+stop.restore()
+if master:
+    print(write_report())
+    print(f"report: {os.path.join(out_dir, 'report.md')}, student checkpoint: {ckpt_path}")
+T.cleanup_distributed(dist)
