@@ -48,7 +48,7 @@ batch_size = 12  # per rank and micro-step
 block_size = 0  # 0: the teacher's block_size
 gradient_accumulation_steps = 1  # global: divided among DDP ranks
 # the student
-hyena_layers = 'all'  # which attention layers become Hyena: 'all', a list [0, 2] or a string '0,2'
+hyena_layers = None  # which attention layers become Hyena: None (all), 'all', a list [0, 2] or '0,2'
 seed_from_attention = True  # in_proj <- c_attn (q, k, v -> x0, x1, v), out_proj <- c_proj, short conv = identity
 hyena_order = 2
 hyena_filter_order = 64
@@ -113,7 +113,7 @@ teacher_model.to(dist.device).eval().requires_grad_(False)
 block_size = block_size or teacher_model.config.block_size
 if block_size > teacher_model.config.block_size:
     T.fail(f"block_size {block_size} exceeds the teacher's {teacher_model.config.block_size}; lower --block_size")
-layers = T.parse_layers(hyena_layers, teacher_model.config.n_layer)
+layers = T.parse_layers('all' if hyena_layers is None else hyena_layers, teacher_model.config.n_layer)
 if not layers:
     T.fail("hyena_layers selects no layer: nothing to distil; use 'all' or a list of layer indices")
 
@@ -126,6 +126,10 @@ stage_iters = {'align': align_iters, 'kd': kd_iters,
 STAGES = [s for s in ('align', 'kd', 'scratch') if stage_iters[s] > 0]
 if not STAGES:
     T.fail("every stage has 0 iterations: set align_iters, kd_iters or scratch_iters")
+def stage_rank(name):
+    return STAGES.index(name) if name in STAGES else len(STAGES)  # 'done' comes after every stage
+
+
 # the scratch baseline draws the very batches the distilled student saw: batch index = stage offset + iteration
 batch_offset = {'align': 0, 'kd': align_iters, 'scratch': 0}
 HYENA_ARGS = dict(hyena_order=hyena_order, hyena_filter_order=hyena_filter_order, hyena_emb_dim=hyena_emb_dim,
@@ -136,9 +140,11 @@ def replace_with_hyena(student, i):
     """Swap block i's attention for a Hyena operator; seed its projections from that attention."""
     cfg = student.config
     attn = student.transformer.h[i].mixer
-    op = HyenaOperator(cfg.n_embd, cfg.block_size, order=cfg.hyena_order, filter_order=cfg.hyena_filter_order,
-                       short_filter_order=cfg.hyena_short_filter_order, dropout=cfg.dropout,
-                       emb_dim=cfg.hyena_emb_dim, filter_freq=cfg.hyena_filter_freq, bias=cfg.bias)
+    with torch.random.fork_rng(devices=[]):  # the same init on every rank, resumed or not
+        torch.manual_seed(seed + 1000 * (i + 1))
+        op = HyenaOperator(cfg.n_embd, cfg.block_size, order=cfg.hyena_order, filter_order=cfg.hyena_filter_order,
+                           short_filter_order=cfg.hyena_short_filter_order, dropout=cfg.dropout,
+                           emb_dim=cfg.hyena_emb_dim, filter_freq=cfg.hyena_filter_freq, bias=cfg.bias)
     if seed_from_attention:
         D, N = cfg.n_embd, cfg.hyena_order
         with torch.no_grad():  # streams x0, x1 .. x_{N-1}, v  <-  q, k, (fresh), v
@@ -325,10 +331,6 @@ def phases():
                 yield s, n * per, per if n < len(layers) - 1 else align_iters - n * per, [i]
         else:
             yield s, 0, stage_iters[s], layers
-
-
-def stage_rank(name):
-    return STAGES.index(name) if name in STAGES else len(STAGES)  # 'done' comes after every stage
 
 
 teacher_val = evaluate(teacher_model)
