@@ -1,0 +1,68 @@
+"""CUDA behaviour (skipped without a GPU): run on the GPU machine with `python -m pytest tests/test_cuda.py`."""
+import pytest
+import torch
+
+import hyena
+from hyena import HyenaOperator, fftconv, fftconv_reference
+from model import GPT, GPTConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize('impl', ['plain', 'fast', 'triton'])
+@pytest.mark.parametrize('L', [7, 1000, 1024, 1537, 4096, 16384])
+def test_fftconv_on_cuda_matches_float64_reference(impl, L):
+    u, k, D = torch.randn(2, 64, L, device='cuda'), torch.randn(64, L, device='cuda') / L ** 0.5, torch.randn(64, device='cuda')
+    expected = fftconv_reference(u.double().cpu(), k.double().cpu(), D.double().cpu())
+    y = fftconv(u, k, D, impl=impl)
+    tol = 1e-3 if impl == 'triton' else 1e-5  # the Triton kernel's matmuls run in tf32
+    assert rel_err(y.cpu(), expected) < tol
+
+
+@pytest.mark.parametrize('impl', ['fast', 'triton'])
+def test_fftconv_gradients_on_cuda_match_reference(impl):
+    u = torch.randn(2, 32, 1024, device='cuda', requires_grad=True)
+    k = (torch.randn(32, 1024, device='cuda') / 32).requires_grad_()
+    D = torch.randn(32, device='cuda', requires_grad=True)
+    g = torch.randn(2, 32, 1024, device='cuda')
+    grads = torch.autograd.grad((fftconv(u, k, D, impl=impl) * g).sum(), (u, k, D))
+    expected = torch.autograd.grad((fftconv_reference(u, k, D) * g).sum(), (u, k, D))
+    for a, b in zip(grads, expected):
+        assert rel_err(a, b) < (1e-3 if impl == 'triton' else 1e-5)
+
+
+@pytest.mark.parametrize('L', [1024, 4096])
+def test_compiled_operator_matches_eager_under_bf16(L):
+    op = HyenaOperator(256, l_max=L).cuda()
+    x = torch.randn(4, L, 256, device='cuda')
+    compiled = torch.compile(op)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        eager_y = op(x)
+        compiled_y = compiled(x)
+        compiled_y.float().square().mean().backward()
+    assert eager_y.dtype == compiled_y.dtype == torch.bfloat16
+    assert rel_err(compiled_y.float(), eager_y.float()) < 1e-2
+    assert all(torch.isfinite(p.grad).all() for p in op.parameters())
+
+
+def test_operator_bf16_close_to_fp32_on_cuda():
+    op = HyenaOperator(256, l_max=2048).cuda()
+    x = torch.randn(2, 2048, 256, device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        y = op(x)
+    assert rel_err(y.float(), op(x)) < 2e-2
+
+
+def test_cached_decoding_matches_full_forward_on_cuda():
+    model = GPT(GPTConfig(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=128, hyena_layers=[0])).cuda().eval()
+    idx = torch.randint(0, 512, (2, 200), device='cuda')
+    with torch.no_grad():
+        full, _ = model(idx, idx)
+        cache = model.new_cache(200)
+        steps = [model(idx[:, :100], cache=cache)[0][:, -1]]
+        steps += [model(idx[:, t:t + 1], cache=cache)[0][:, -1] for t in range(100, 200)]
+    assert rel_err(torch.stack(steps, 1), full[:, 99:]) < 1e-4

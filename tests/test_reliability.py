@@ -1,0 +1,230 @@
+"""Issue 7: runs survive kills and bad input, and nothing is lost.
+
+Faults are injected into real subprocess runs by a wrapper that monkeypatches before running the script
+(conftest.run_patched): the scripts carry no test hooks."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import training as T
+from conftest import (REFERENCE, REPO, TINY_VOCAB, assert_one_line_error, losses, popen_patched, read_log,
+                      run_patched, run_script, train_args, _env)
+
+SLOW_BATCHES = """
+import time, training
+_get_batch = training.TokenData.get_batch
+def get_batch(self, *args, **kwargs):
+    time.sleep(0.02)
+    return _get_batch(self, *args, **kwargs)
+training.TokenData.get_batch = get_batch
+"""
+
+NAN_AT_ITER_15 = """
+import model
+_forward = model.GPT.forward
+calls = [0]
+def forward(self, idx, targets=None, **kwargs):
+    logits, loss = _forward(self, idx, targets, **kwargs)
+    if self.training and targets is not None:
+        calls[0] += 1
+        if calls[0] == 16:  # one micro-step per iteration: the 16th training forward is iteration 15
+            loss = loss * float('nan')
+    return logits, loss
+model.GPT.forward = forward
+"""
+
+CRASH_DURING_SECOND_SAVE = """
+import io, os, torch
+_save = torch.save
+saves = [0]
+def save(obj, f, *args, **kwargs):
+    saves[0] += 1
+    if saves[0] < 2:
+        return _save(obj, f, *args, **kwargs)
+    buf = io.BytesIO()
+    _save(obj, buf, *args, **kwargs)
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # half written, then the process dies
+    f.flush()
+    os._exit(137)
+torch.save = save
+"""
+
+
+# ---- 1. preemption ------------------------------------------------------------------------------------------
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resume_matches_the_uninterrupted_run(tiny_data, reference_run,
+                                                                                       tmp_path):
+    proc = popen_patched(tmp_path, SLOW_BATCHES, 'train_teacher.py', *train_args(tiny_data, tmp_path, **REFERENCE))
+    log = os.path.join(tmp_path, 'log.jsonl')
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # wait until training is under way
+        if os.path.exists(log) and any(r.get('iter', 0) >= 12 and 'loss' in r for r in read_log(tmp_path)):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert 'Traceback' not in stderr and 'SIGTERM' in stdout + stderr
+    stopped_at = T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num']
+    assert 12 < stopped_at < REFERENCE['max_iters']
+    resumed = run_script('train_teacher.py', *train_args(tiny_data, tmp_path, **REFERENCE), '--init_from=resume')
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path) == losses(reference_run)
+
+
+# ---- 2. atomic checkpoints ----------------------------------------------------------------------------------
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_data, tmp_path):
+    proc = run_patched(tmp_path, CRASH_DURING_SECOND_SAVE, 'train_teacher.py',
+                       *train_args(tiny_data, tmp_path, max_iters=30, eval_interval=10))
+    assert proc.returncode == 137
+    ckpt = T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))  # intact: the first save, at iter 10
+    assert ckpt['iter_num'] == 10
+
+
+def test_save_checkpoint_failing_midway_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    path = os.path.join(tmp_path, 'ckpt.pt')
+    T.save_checkpoint({'model': {}, 'model_args': {}, 'iter_num': 1}, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b'PK\x03\x04 half a zip')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError):
+        T.save_checkpoint({'model': {}, 'model_args': {}, 'iter_num': 2}, path)
+    assert T.load_checkpoint(path)['iter_num'] == 1
+    assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def test_truncated_checkpoint_is_a_one_line_error_naming_the_file(tiny_data, reference_run, tmp_path):
+    data = open(os.path.join(reference_run, 'ckpt.pt'), 'rb').read()
+    with open(os.path.join(tmp_path, 'ckpt.pt'), 'wb') as f:
+        f.write(data[: len(data) // 2])
+    proc = run_script('train_teacher.py', *train_args(tiny_data, tmp_path, max_iters=5), '--init_from=resume')
+    assert_one_line_error(proc, f"checkpoint {tmp_path}/ckpt.pt is unreadable")
+
+
+def test_corrupt_or_foreign_checkpoint_files_are_one_line_errors(tmp_path):
+    garbage = os.path.join(tmp_path, 'garbage.pt')
+    with open(garbage, 'wb') as f:
+        f.write(os.urandom(1000))
+    with pytest.raises(SystemExit, match=f"checkpoint {garbage} is unreadable"):
+        T.load_checkpoint(garbage)
+    foreign = os.path.join(tmp_path, 'foreign.pt')
+    torch.save({'weights': torch.zeros(2)}, foreign)
+    with pytest.raises(SystemExit, match=f"checkpoint {foreign} is not a checkpoint of this repo"):
+        T.load_checkpoint(foreign)
+
+
+# ---- 3. non-finite losses -----------------------------------------------------------------------------------
+
+def test_nonfinite_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    proc = run_patched(tmp_path, NAN_AT_ITER_15, 'train_teacher.py',
+                       *train_args(tiny_data, tmp_path, max_iters=30, eval_interval=10))
+    assert_one_line_error(proc, 'non-finite loss (nan) at iter 15', 'last good checkpoint', '(iter 10) is kept')
+    assert T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num'] == 10
+
+
+def test_skip_nonfinite_skips_the_step_and_continues(tiny_data, tmp_path):
+    proc = run_patched(tmp_path, NAN_AT_ITER_15, 'train_teacher.py',
+                       *train_args(tiny_data, tmp_path, max_iters=30, eval_interval=10), '--skip_nonfinite=True')
+    assert proc.returncode == 0, proc.stderr
+    log = read_log(tmp_path)
+    assert [r['iter'] for r in log if r.get('skipped')] == [15]
+    assert np.isfinite(log[-1]['val_loss'])
+    assert T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num'] == 30
+
+
+# ---- 4. input validation: one line, no traceback ------------------------------------------------------------
+
+def test_missing_dataset_names_the_prepare_script(tmp_path):
+    proc = run_script('train_teacher.py', *train_args(tmp_path / 'nowhere', tmp_path / 'out'), '--dataset=nosuch')
+    assert_one_line_error(proc, "dataset 'nosuch' not found", 'python data/nosuch/prepare.py',
+                          'data/textfiles/prepare.py')
+
+
+def test_nonexistent_device_is_a_one_line_error(tiny_data, tmp_path):
+    proc = run_script('train_teacher.py', *train_args(tiny_data, tmp_path), '--device=cuda:7')
+    assert_one_line_error(proc, "device 'cuda:7' does not exist")
+
+
+def test_hyena_layers_out_of_range_is_a_one_line_error(tiny_data, tmp_path):
+    proc = run_script('train_teacher.py', *train_args(tiny_data, tmp_path), '--hyena_layers=[0,5]')
+    assert_one_line_error(proc, 'hyena_layers: layer 5 is out of range for n_layer=2')
+
+
+def test_unknown_config_key_is_a_one_line_error_listing_valid_keys(tmp_path):
+    proc = run_script('train_teacher.py', '--learning_rte=1e-3')
+    assert_one_line_error(proc, "unknown key 'learning_rte'", 'learning_rate')
+
+
+def test_wrong_config_type_is_a_one_line_error(tmp_path):
+    proc = run_script('train_teacher.py', '--max_iters=many')
+    assert_one_line_error(proc, 'max_iters expects int')
+
+
+def make_bin(folder, train, val=None):
+    os.makedirs(folder, exist_ok=True)
+    for split, arr in (('train', train), ('val', train if val is None else val)):
+        np.asarray(arr, dtype=np.uint16).tofile(os.path.join(folder, f'{split}.bin'))
+    return str(folder)
+
+
+def test_ids_beyond_the_vocabulary_are_an_error(tmp_path):
+    ids = np.arange(1000) % TINY_VOCAB
+    ids[500] = 50256
+    folder = make_bin(tmp_path, ids)
+    with pytest.raises(SystemExit, match=r"train.bin holds token id 50256 >= vocab_size 64"):
+        T.TokenData(folder, block_size=32, batch_size=2, vocab_size=TINY_VOCAB)
+
+
+def test_odd_byte_count_is_an_error(tmp_path):
+    folder = make_bin(tmp_path, np.arange(1000) % TINY_VOCAB)
+    with open(os.path.join(folder, 'val.bin'), 'ab') as f:
+        f.write(b'\x00')
+    with pytest.raises(SystemExit, match=r"val.bin has 2001 bytes, an odd number"):
+        T.TokenData(folder, block_size=32, batch_size=2, vocab_size=TINY_VOCAB)
+
+
+def test_dataset_shorter_than_a_block_is_an_error(tmp_path):
+    folder = make_bin(tmp_path, np.arange(1000) % TINY_VOCAB, val=np.arange(20))
+    with pytest.raises(SystemExit, match=r"val.bin holds 20 tokens, fewer than block_size \+ 1 = 33"):
+        T.TokenData(folder, block_size=32, batch_size=2, vocab_size=TINY_VOCAB)
+
+
+def test_accumulation_not_divisible_by_world_size_is_an_error():
+    assert T.per_rank(40, 8) == 5
+    with pytest.raises(SystemExit, match='gradient_accumulation_steps=6 is not divisible by the world size 4'):
+        T.per_rank(6, 4)
+    with pytest.raises(SystemExit, match='batch_size=2 is not divisible'):
+        T.per_rank(2, 4, name='batch_size')
+
+
+def test_device_names_are_validated():
+    assert T.resolve_device('cpu') == 'cpu'
+    with pytest.raises(SystemExit, match="device 'gpu' is not a device name"):
+        T.resolve_device('gpu')
+
+
+# ---- 5. DDP: one writer, one resume point -------------------------------------------------------------------
+
+def test_ddp_ranks_resume_from_the_same_checkpoint_and_only_rank_0_writes(tiny_data, tmp_path):
+    settings = dict(lr_decay_iters=12, eval_interval=6, gradient_accumulation_steps=2)
+    first = run_script('train_teacher.py', *train_args(tiny_data, tmp_path, max_iters=6, **settings))
+    assert first.returncode == 0, first.stderr
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(REPO, 'train_teacher.py'), *train_args(tiny_data, tmp_path, max_iters=12, **settings),
+           '--init_from=resume']
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'log.jsonl']  # no stray files from other ranks
+    assert T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num'] == 12
+    log = read_log(tmp_path)
+    assert [r['iter'] for r in log if 'loss' in r] == list(range(12))  # one writer: no duplicate records
+    assert [r['iter'] for r in log if 'val_loss' in r] == [0, 6, 6, 12]  # 6: end of the first run, resume start

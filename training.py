@@ -1,0 +1,554 @@
+"""
+Training machinery shared by train_teacher.py and distill.py: nanoGPT's train.py, factored into small
+helpers with its known bugs avoided (DESIGN.md §6). A training script reads top to bottom:
+
+    dist = setup_distributed(device)                        # torchrun env -> rank, device, seed offset
+    accum = per_rank(gradient_accumulation_steps, dist.world_size)
+    prec = setup_precision(dist.device, dtype)              # autocast context + GradScaler
+    data = TokenData(data_dir, block_size, batch_size, dist.device, vocab_size, seed=seed, rank=dist.rank)
+    model, compiled = compile_model(model, data.get_batch('train', 0), prec.ctx)   # if compile
+    stop = StopFlag()                                       # SIGTERM / SIGINT -> save and exit
+    for iter_num ...:
+        set_lr(optimizer, get_lr(iter_num, ...))
+        seed_step(seed, dist.rank, iter_num)                # dropout RNG: a function of the iteration
+        X, Y = data.get_batch('train', iter_num * accum + micro_step)
+        ... if any_nonfinite(loss, grad_norm): stop (or skip the step) ...
+        save_checkpoint(ckpt, path)                         # atomic: tmp file + fsync + os.replace
+
+Decisions, in one place:
+- A mistake the user can fix is one line on stderr and exit status 1: `fail(message)` raises SystemExit.
+- Batches are a pure function of (seed, rank, split, stream, index): each draw seeds its own numpy
+  generator from that tuple, so there is no generator state to save; a resumed run, given the same
+  iteration number, draws exactly the batches an uninterrupted run draws, and each DDP rank draws its own.
+  Eval batches come from a separate stream with fixed indices: every eval sees the same batches, and
+  evaluating never disturbs training's draws. Likewise `seed_step` reseeds torch (dropout) every
+  iteration from (seed, rank, iteration), which is why checkpoints need no RNG states.
+- The .bin files are re-opened (np.memmap) for every batch: a long-lived memmap grows resident memory.
+- SIGTERM or SIGINT: the loop finishes the current iteration, saves a checkpoint, and exits with status
+  128 + signal number (143 for SIGTERM, 130 for SIGINT, the shell's convention), not 0, so a job script
+  (`train && next_step`) or scheduler sees the run as unfinished; `init_from=resume` continues it.
+  A second Ctrl-C aborts at once (the atomic write keeps the previous checkpoint intact).
+- DDP: only rank 0 (`dist.master`) writes files. On resume every rank loads the same ckpt.pt (for
+  several nodes, out_dir must be on a shared filesystem) and `agree_across_ranks` checks that all read
+  the same iteration. Stop requests and non-finite checks are all-reduced, so all ranks stop together.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+_SPLIT_IDS = {'train': 0, 'val': 1}
+FULL_SCAN_TOKENS = 1 << 29  # files up to 512M tokens (1 GiB) are scanned whole for ids >= vocab_size
+SAMPLE_CHUNKS = 64  # larger files: this many evenly spaced chunks, plus a check of every batch
+
+
+def fail(message):
+    """Stop with a one-line error on stderr (exit status 1, no traceback)."""
+    raise SystemExit(message)
+
+
+# ---- devices, processes, precision ---------------------------------------------------------------------
+
+def resolve_device(device):
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'. Any other name is checked: a device that does
+    not exist (cuda on a machine without GPUs, cuda:7 on a 1-GPU machine, mps off Apple) is a one-line
+    error. Returns the device string."""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        fail(f"device '{device}' is not a device name; use auto, cpu, cuda or cuda:N")
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            fail(f"device '{device}' does not exist: no CUDA GPU is visible on this machine; use --device=cpu")
+        if dev.index is not None and dev.index >= count:
+            fail(f"device '{device}' does not exist: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif dev.type == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+        fail(f"device '{device}' does not exist: MPS is not available here; use --device=cpu")
+    return device
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: ddp (launched by torchrun), rank (global), local_rank (on this node),
+    world_size, device (this process's device), master (rank 0: logs and writes files) and seed_offset
+    (added to seeds so that ranks differ)."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+    master: bool
+    seed_offset: int
+
+
+def setup_distributed(device='auto'):
+    """Single process, or DDP when torchrun set RANK/LOCAL_RANK/WORLD_SIZE. Under DDP on CUDA each
+    process takes cuda:LOCAL_RANK (NCCL); on CPU processes talk through gloo (useful for tests).
+    Returns a DistInfo; call cleanup_distributed(dist) at the end."""
+    device = resolve_device(device)
+    if int(os.environ.get('RANK', -1)) == -1:
+        return DistInfo(False, 0, 0, 1, device, True, 0)
+    rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+    world_size = int(os.environ['WORLD_SIZE'])
+    if device.startswith('cuda'):
+        device = resolve_device(f'cuda:{local_rank}')  # one GPU per process: cuda:LOCAL_RANK
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend='nccl', device_id=torch.device(device))
+    else:
+        torch.distributed.init_process_group(backend='gloo')
+    return DistInfo(True, rank, local_rank, world_size, device, rank == 0, rank)
+
+
+def cleanup_distributed(dist):
+    """Tear down the process group (no-op without DDP)."""
+    if dist.ddp and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def per_rank(total, world_size, name='gradient_accumulation_steps'):
+    """Split a global count (e.g. gradient_accumulation_steps) over the ranks; it must be a positive
+    multiple of world_size, else a one-line error naming the key."""
+    if total < world_size or total % world_size:
+        multiples = ', '.join(str(world_size * k) for k in range(1, 4))
+        fail(f"{name}={total} is not divisible by the world size {world_size}: pick a multiple of "
+             f"{world_size} ({multiples}, ...)")
+    return total // world_size
+
+
+def barrier(dist):
+    """Wait for every rank (no-op without DDP)."""
+    if dist.ddp:
+        torch.distributed.barrier()
+
+
+def _all_reduce(values, dist, op):
+    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def agree_across_ranks(value, dist, what='iter_num'):
+    """Check that every rank holds the same number (e.g. the iteration read from the checkpoint);
+    a one-line error otherwise (ranks read different files: out_dir not on a shared filesystem?)."""
+    if not dist.ddp:
+        return value
+    lo = _all_reduce([value], dist, torch.distributed.ReduceOp.MIN)[0]
+    hi = _all_reduce([value], dist, torch.distributed.ReduceOp.MAX)[0]
+    if lo != hi:
+        fail(f"ranks disagree on {what} ({lo} vs {hi}): every rank must read the same checkpoint; with "
+             f"several nodes put out_dir on a shared filesystem")
+    return value
+
+
+@dataclass
+class Precision:
+    """dtype actually used ('float32' | 'bfloat16' | 'float16'), ctx (autocast or nullcontext, wrap
+    forward passes in it) and scaler (a GradScaler, enabled only for float16)."""
+    dtype: str
+    ctx: object
+    scaler: object
+
+
+def setup_precision(device, dtype='auto'):
+    """Autocast for the device: on CUDA bfloat16 when the GPU supports it ('auto'), float16 with a
+    GradScaler only when asked for, float32 otherwise; TF32 matmuls are enabled. On CPU (and MPS) the
+    model runs in float32 under nullcontext (a lower dtype asked for is noted and ignored)."""
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        fail(f"dtype '{dtype}' is not supported; use auto, float32, bfloat16 or float16")
+    if not device.startswith('cuda'):
+        if dtype not in ('auto', 'float32'):
+            print(f"note: dtype {dtype} applies on CUDA only; {device} runs in float32")
+        return Precision('float32', nullcontext(), torch.amp.GradScaler('cuda', enabled=False))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if dtype == 'auto':
+        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float32'
+    if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
+        fail(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16 or float32")
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type='cuda', dtype=ptdtype)
+    return Precision(dtype, ctx, torch.amp.GradScaler('cuda', enabled=(dtype == 'float16')))
+
+
+def compile_model(model, example_batch=None, ctx=nullcontext()):
+    """torch.compile the model and build it right away with one forward + backward on example_batch
+    (X, Y) (gradients are cleared afterwards), so a failure to build (e.g. no C compiler) shows here,
+    not mid-training. Returns (model, True) compiled, or (model, False) eager after a printed message."""
+    print("compiling the model with torch.compile (takes a minute the first time)...")
+    try:
+        compiled = torch.compile(model)
+        if example_batch is not None:
+            with ctx:
+                _, loss = compiled(*example_batch)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        return compiled, True
+    except Exception as e:  # inductor raises many types; any of them means "cannot build here"
+        model.zero_grad(set_to_none=True)
+        try:
+            torch._dynamo.reset()
+        except Exception:
+            pass
+        reason = (str(e).strip().splitlines() or [''])[0][:200]
+        print(f"torch.compile cannot build here ({type(e).__name__}: {reason}); running eager instead")
+        return model, False
+
+
+def unwrap_model(model):
+    """The plain nn.Module inside DDP and/or torch.compile wrappers (its state_dict has no prefixes)."""
+    model = getattr(model, 'module', model)  # DDP
+    return getattr(model, '_orig_mod', model)  # torch.compile
+
+
+def clean_state_dict(state_dict):
+    """Strip the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes that wrapped models add."""
+    out = {}
+    for k, v in state_dict.items():
+        while True:
+            if k.startswith('_orig_mod.'):
+                k = k[len('_orig_mod.'):]
+            elif k.startswith('module.'):
+                k = k[len('module.'):]
+            else:
+                break
+        out[k.replace('._orig_mod.', '.')] = v
+    return out
+
+
+def seed_step(seed, rank, iter_num):
+    """Seed torch's global RNGs (CPU and CUDA: dropout) from (seed, rank, iter_num), so that the random
+    numbers of an iteration do not depend on whether the run was resumed."""
+    torch.manual_seed(_mix(seed, rank, iter_num))
+
+
+def _mix(*ints):
+    return int(np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(1, np.uint64)[0]
+               >> 1)
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+def _bin_tokens(path, block_size, vocab_size, missing_hint):
+    """Validate one .bin file and return its number of tokens; one-line errors for every problem."""
+    if not os.path.exists(path):
+        fail(missing_hint)
+    nbytes = os.path.getsize(path)
+    if nbytes % 2:
+        fail(f"{path} has {nbytes} bytes, an odd number: not a file of uint16 token ids (a truncated write?); "
+             f"re-run the prepare script")
+    n = nbytes // 2
+    if n < block_size + 1:
+        fail(f"{path} holds {n} tokens, fewer than block_size + 1 = {block_size + 1}; lower --block_size "
+             f"or prepare more data")
+    if vocab_size is not None:
+        data = np.memmap(path, dtype=np.uint16, mode='r')
+        chunk = 1 << 24
+        if n <= FULL_SCAN_TOKENS:
+            starts = range(0, n, chunk)
+        else:
+            step = 1 << 20
+            starts = [int(s) for s in np.linspace(0, n - step, SAMPLE_CHUNKS)]
+            chunk = step
+        for s in starts:
+            top = int(data[s:s + chunk].max())
+            if top >= vocab_size:
+                fail(_vocab_message(path, top, vocab_size))
+        del data
+    return n
+
+
+def _vocab_message(path, top, vocab_size):
+    return (f"{path} holds token id {top} >= vocab_size {vocab_size}: the data was tokenized for a larger "
+            f"vocabulary than the model's; raise vocab_size or re-run the prepare script")
+
+
+class TokenData:
+    """Batches of (X, Y) from data_dir/{train,val}.bin (uint16 token ids, as data/*/prepare.py writes).
+
+    Checked at construction, with one-line errors: both files exist (else the message names
+    `python data/<dataset>/prepare.py` and the bring-your-own data/textfiles/prepare.py), have an even
+    number of bytes, hold at least block_size + 1 tokens, and hold no id >= vocab_size (files up to
+    512M tokens are scanned whole; bigger ones in samples, and then every batch is checked too).
+
+    get_batch(split, index, stream=TRAIN_STREAM) is a pure function of (seed, rank, split, stream,
+    index): see the module docstring. Training uses index = iter_num * accum + micro_step; estimate_loss
+    uses the EVAL_STREAM with indices 0..eval_iters-1."""
+
+    def __init__(self, data_dir, block_size, batch_size, device='cpu', vocab_size=None, seed=1337, rank=0,
+                 dataset=None):
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        self.vocab_size, self.seed, self.rank = vocab_size, seed, rank
+        name = dataset or os.path.basename(os.path.normpath(data_dir))
+        self.paths, self.sizes = {}, {}
+        for split in ('train', 'val'):
+            path = os.path.join(data_dir, f'{split}.bin')
+            hint = (f"dataset '{name}' not found: {path} does not exist; prepare it first with "
+                    f"`python data/{name}/prepare.py`, or make one from your own text files with "
+                    f"`python data/textfiles/prepare.py --input=DIR --out_dir=data/{name}`")
+            self.paths[split] = path
+            self.sizes[split] = _bin_tokens(path, block_size, vocab_size, hint)
+        self.check_batches = vocab_size is not None and max(self.sizes.values()) > FULL_SCAN_TOKENS
+
+    def get_batch(self, split, index, stream=TRAIN_STREAM):
+        """(X, Y) int64 tensors of shape (batch_size, block_size) on the device; Y is X shifted by one."""
+        rng = np.random.default_rng([self.seed, self.rank, _SPLIT_IDS[split], stream, int(index)])
+        starts = rng.integers(0, self.sizes[split] - self.block_size, size=self.batch_size)
+        data = np.memmap(self.paths[split], dtype=np.uint16, mode='r')  # re-opened per batch: no RAM growth
+        rows = np.stack([data[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        del data
+        if self.check_batches:
+            top = int(rows.max())
+            if top >= self.vocab_size:
+                fail(_vocab_message(self.paths[split], top, self.vocab_size))
+        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+        if self.device.startswith('cuda'):
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+# ---- schedule, evaluation ----------------------------------------------------------------------------------
+
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr.
+    Warmup uses (it + 1) / (warmup_iters + 1), so iteration 0 already learns. decay_lr=False: constant."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def set_lr(optimizer, lr):
+    """Set every param group's lr to lr * group['lr_scale'] (Hyena filters train at their own scale)."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
+
+
+@torch.no_grad()
+def estimate_loss(model, data, eval_iters, ctx=nullcontext(), dist=None, splits=('train', 'val')):
+    """Mean loss over eval_iters fixed batches of each split (the EVAL_STREAM, same batches every call),
+    in eval mode; averaged over DDP ranks when dist is given. Returns {'train': float, 'val': float}."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split in splits:
+        total = torch.zeros((), device=data.device)
+        for k in range(eval_iters):
+            X, Y = data.get_batch(split, k, stream=EVAL_STREAM)
+            with ctx:
+                _, loss = model(X, Y)
+            total += loss.float()
+        out[split] = total.item() / eval_iters
+    if dist is not None and dist.ddp:
+        means = _all_reduce([out[s] for s in splits], dist, torch.distributed.ReduceOp.SUM)
+        out = {s: v / dist.world_size for s, v in zip(splits, means)}
+    model.train(was_training)
+    return out
+
+
+def any_nonfinite(loss, grad_norm=None, dist=None):
+    """True when the loss (or the gradient norm, when given) is NaN or inf on any rank. One host sync."""
+    bad = ~torch.isfinite(loss.detach().float())
+    if grad_norm is not None:
+        bad = bad | ~torch.isfinite(grad_norm.detach().float())
+    if dist is not None and dist.ddp:
+        bad = bad.float().reshape(1).to(dist.device)
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bool(bad.item())
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------
+
+def save_checkpoint(obj, path):
+    """torch.save obj to path atomically: write a temp file in the same folder, fsync it, os.replace it
+    over path, fsync the folder. A crash at any point leaves the previous file at path intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
+
+
+def load_checkpoint(path, map_location='cpu', required=('model', 'model_args')):
+    """Load a checkpoint dict written by save_checkpoint (tensors, numbers, strings, lists, dicts only:
+    weights_only loading). Missing, truncated, corrupt or foreign files, or a dict lacking the `required`
+    keys, give a one-line error naming the file. The model state dict comes back without
+    `_orig_mod.`/`module.` prefixes."""
+    if not os.path.exists(path):
+        fail(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        fail(f"checkpoint {path} is unreadable (truncated or corrupt: {reason}); restore it or start again")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
+        fail(f"checkpoint {path} is not a checkpoint of this repo (expected keys: {', '.join(required)})")
+    if isinstance(ckpt.get('model'), dict):
+        ckpt['model'] = clean_state_dict(ckpt['model'])
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild the GPT (teacher, student or hybrid) that a checkpoint describes and load its weights."""
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    return model
+
+
+def parse_layers(spec, n_layer, key='hyena_layers'):
+    """Which layers a key selects, as a sorted list of ints: None / '' / 'none' -> [], 'all' -> every
+    layer, an int, a comma-separated string '0,2,4', or a list/tuple of ints. Negative indices count
+    from the end. An index out of range is a one-line error naming the key and the valid range."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ('', 'none')):
+        return []
+    if isinstance(spec, str) and spec.strip().lower() == 'all':
+        return list(range(n_layer))
+    if isinstance(spec, bool):
+        fail(f"{key}={spec!r}: expected 'all', '' or a list of layer indices")
+    if isinstance(spec, int):
+        spec = [spec]
+    if isinstance(spec, str):
+        try:
+            spec = [int(s) for s in spec.replace(' ', '').strip('[]()').split(',') if s]
+        except ValueError:
+            fail(f"{key}={spec!r}: expected 'all', '' or layer indices like 0,2,4")
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        fail(f"{key}={spec!r}: expected 'all', '' or a list of layer indices")
+    bad = [i for i in spec if not -n_layer <= i < n_layer]
+    if bad:
+        fail(f"{key}: layer {bad[0]} is out of range for n_layer={n_layer} (valid: 0..{n_layer - 1})")
+    return sorted(set(i % n_layer for i in spec))
+
+
+# ---- preemption ---------------------------------------------------------------------------------------------
+
+class StopFlag:
+    """Catch SIGTERM and SIGINT: the first sets a flag (the loop saves a checkpoint and exits with
+    exit_code = 128 + signal number); a second SIGINT (Ctrl-C again) aborts at once with
+    KeyboardInterrupt. Further SIGTERMs are ignored: torchrun sends one to every worker after a Ctrl-C,
+    and that must not abort the checkpoint being written.
+    requested(dist) is True once any rank got a signal (all-reduced under DDP, so all ranks stop at the
+    same iteration). Install it in the main thread; restore() puts the previous handlers back."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signum = None
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this iteration "
+              f"(send it again to abort at once)", file=sys.stderr, flush=True)
+
+    def requested(self, dist=None):
+        """Whether to stop now (the same answer on every rank)."""
+        flag = 0 if self.signum is None else self.signum
+        if dist is not None and dist.ddp:
+            flag = int(_all_reduce([flag], dist, torch.distributed.ReduceOp.MAX)[0])
+            if flag and self.signum is None:
+                self.signum = flag
+        return bool(flag)
+
+    @property
+    def exit_code(self):
+        return 128 + (self.signum or 0)
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else ''
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# ---- progress and logs ------------------------------------------------------------------------------------
+
+def human(n):
+    """12345 -> '12.3K', 2.5e6 -> '2.50M'."""
+    for unit, size in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+class Progress:
+    """A tqdm bar over iterations (on the master rank only) showing loss, lr, tokens/s and MFU
+    ('MFU n/a' when the device's peak is unknown). Use write() for lines that must not break the bar."""
+
+    def __init__(self, total, initial=0, enabled=True, desc='train'):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit='it',
+                        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        self.enabled = enabled
+
+    def update(self, loss, lr, tokens_per_sec, mfu=None):
+        mfu_text = 'MFU n/a' if mfu is None else f"MFU {100 * mfu:.1f}%"
+        self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {human(tokens_per_sec)} tok/s {mfu_text}",
+                                 refresh=False)
+        self.bar.update(1)
+
+    def write(self, message):
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self):
+        self.bar.close()
+
+
+class JsonlLogger:
+    """Append one JSON object per line to path (when enabled: the master rank), flushed each time, so a
+    killed run keeps its log; NaN/inf become null (strict JSON). A resumed run appends to the same file."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def log(self, **fields):
+        if not self.enabled:
+            return
+        fields.setdefault('time', round(time.time(), 3))
+        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(fields) + '\n')
+
+
+def read_jsonl(path):
+    """All records of a JSONL log, as a list of dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
