@@ -14,17 +14,44 @@ distill.py seed a Hyena layer from the attention layer it replaces.
 
 Public API: fftconv, HyenaFilter, HyenaOperator, filter_parameters.
 """
+import contextlib
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def fft_size(n):
-    """Smallest even number >= n of the form 2^a 3^b 5^c: FFT libraries (cuFFT, pocketfft) are fast
-    at those sizes, and they pad far less than the next power of two does (e.g. 2049 -> 2160, not 4096)."""
+# ---- speed settings (issue 5) ----------------------------------------------------------------------------
+# Module-level switches, read at call time (torch.compile guards on them), so bench.py can compare every
+# variant in one process. The defaults are the measured-safe ones; 'triton' is opt-in.
+FFT_SIZE = 'smooth'     # fft_size(): 'smooth' (even 2^a 3^b 5^c, least padding) or 'pow2' (next power of two)
+FFTCONV_IMPL = 'fast'   # fftconv(): 'plain' (autograd through torch.fft, the reference), 'fast' (custom autograd
+#                         Function whose backward reuses the forward spectra and uses irfft, not autograd's
+#                         full complex FFT), 'triton' (fused FFT conv as matmuls, FlashFFTConv-style; CUDA,
+#                         L <= TRITON_MAX_N / 2, else it falls back to 'fast')
+SHORT_CONV = 'auto'     # short_conv(): 'conv1d' (cuDNN depthwise), 'shift' (K shifted multiply-adds, which
+#                         torch.compile fuses with the gates and transposes), 'auto' (shift when compiling)
+TRITON_DOT = 'tf32'     # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee' (exact fp32)
+TRITON_MAX_N = 4096     # largest FFT size the Triton kernel takes (registers); longer inputs use 'fast'
+TRITON_NUM_WARPS = 0    # 0: by FFT size
+TRITON_ROWS = 0         # batch rows per program (0: enough programs to fill the GPU)
+
+
+def fft_size(n, mode=None):
+    """FFT length for a linear convolution of output length n (n = L + Lk - 1).
+
+    mode 'smooth' (default, see FFT_SIZE): the smallest even number >= n of the form 2^a 3^b 5^c; FFT
+    libraries (cuFFT, pocketfft) are fast at those sizes, and they pad far less than the next power of
+    two does (e.g. 2049 -> 2160, not 4096). mode 'pow2': the next power of two (cuFFT's fastest kernels;
+    the same size whenever n + 1 is a power of two, as for L = Lk = 2^k)."""
+    mode = mode or FFT_SIZE
     best = 2 ** math.ceil(math.log2(max(n, 2)))
+    if mode == 'pow2':
+        return best
+    if mode != 'smooth':
+        raise ValueError(f"fft_size: mode must be 'smooth' or 'pow2', got {mode!r}")
     p5 = 1
     while p5 < best:
         p35 = p5
@@ -38,7 +65,7 @@ def fft_size(n):
     return best
 
 
-def fftconv(u, k, D=None):
+def fftconv(u, k, D=None, impl=None):
     """Causal long convolution by FFT.
 
     u: (B, C, L) any float dtype; k: (C, Lk) with Lk <= L; D: (C,) skip term or None.
@@ -47,7 +74,28 @@ def fftconv(u, k, D=None):
     Computed in fp32 whatever the autocast state: torch.fft rejects bf16, and fp16 cuFFT only takes
     power-of-two sizes. Zero-padding to >= L + Lk - 1 turns the FFT's circular convolution into a
     linear one, whose first L outputs are the causal convolution.
+
+    impl (default FFTCONV_IMPL): 'plain' is fftconv_reference (autograd through torch.fft); 'fast' is the
+    same forward with a hand-written backward (a causal conv's adjoint is a correlation:
+    grad_u = irfft(rfft(g) conj(K)), grad_k = sum_b irfft(conj(U) rfft(g)), reusing the forward's spectra,
+    with irfft where autograd's rfft backward runs a full complex FFT); 'triton' is a fused kernel that
+    does the FFTs as matmuls (see _MonarchFFTConv) and falls back to 'fast' where it does not apply.
     """
+    L, Lk = u.shape[-1], k.shape[-1]
+    if Lk > L:
+        raise ValueError(f"fftconv: filter length {Lk} exceeds input length {L}; pass k[..., :{L}]")
+    impl = impl or FFTCONV_IMPL
+    if impl == 'plain':
+        return fftconv_reference(u, k, D)
+    if impl == 'triton' and _triton_applies(u, k, D):
+        return _MonarchFFTConv.apply(u, k, D)
+    if impl in ('fast', 'triton'):
+        return _FFTConv.apply(u, k, D, fft_size(L + Lk - 1))
+    raise ValueError(f"fftconv: impl must be 'plain', 'fast' or 'triton', got {impl!r}")
+
+
+def fftconv_reference(u, k, D=None):
+    """The plain path (the reference every fast path is tested against): fp32 torch.fft, autograd backward."""
     L, Lk = u.shape[-1], k.shape[-1]
     if Lk > L:
         raise ValueError(f"fftconv: filter length {Lk} exceeds input length {L}; pass k[..., :{L}]")
@@ -59,6 +107,325 @@ def fftconv(u, k, D=None):
         if D is not None:
             y = y + u32 * D.float().unsqueeze(-1)
     return y.to(u.dtype)
+
+
+class _FFTConv(torch.autograd.Function):
+    """fftconv with a backward that reuses the forward's spectra (impl 'fast'). Saves u (its own dtype),
+    U = rfft(u) and K = rfft(k); the backward runs one rfft (of the incoming gradient) and one irfft per
+    input that needs a gradient. Any broadcastable u, k, D, as fftconv_reference."""
+
+    @staticmethod
+    def forward(ctx, u, k, D, n):
+        L = u.shape[-1]
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            u32 = u.float().contiguous()
+            k_f = torch.fft.rfft(k.float(), n=n)
+            u_f = torch.fft.rfft(u32, n=n)
+            y = torch.fft.irfft(u_f * k_f, n=n)[..., :L]
+            if D is not None:
+                y = y + u32 * D.float().unsqueeze(-1)
+        ctx.save_for_backward(u, u_f, k_f, D)
+        ctx.n, ctx.Lk, ctx.k_dtype = n, k.shape[-1], k.dtype
+        return y.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, u_f, k_f, D = ctx.saved_tensors
+        n, L, Lk = ctx.n, u.shape[-1], ctx.Lk
+        grad_u = grad_k = grad_D = None
+        with torch.autocast(device_type=grad_y.device.type, enabled=False):
+            g32 = grad_y.float()
+            g_f = torch.fft.rfft(g32, n=n)
+            if ctx.needs_input_grad[0]:
+                gu = torch.fft.irfft(g_f * k_f.conj(), n=n)[..., :L]
+                if D is not None:
+                    gu = gu + g32 * D.float().unsqueeze(-1)
+                grad_u = gu.sum_to_size(u.shape).to(u.dtype)
+            if ctx.needs_input_grad[1]:
+                spec = (g_f * u_f.conj()).sum_to_size(k_f.shape)  # sum over the batch before the irfft
+                grad_k = torch.fft.irfft(spec, n=n)[..., :Lk].to(ctx.k_dtype)
+            if D is not None and ctx.needs_input_grad[2]:
+                grad_D = (g32 * u.float()).sum(-1).sum_to_size(D.shape).to(D.dtype)
+        return grad_u, grad_k, grad_D, None
+
+
+# ---- Triton: the FFT convolution fused into one kernel, FFTs done as matmuls -----------------------------
+# FlashFFTConv's idea (Fu et al. 2023) in a two-factor Monarch form. For N = N1 * N2, with the signal
+# x[n1 * N2 + n2] seen as an (N1, N2) matrix and frequencies k = k1 + N1 * k2:
+#     X[k1, k2] = ((F_N1 @ x) * T) @ F_N2,        T[k1, n2] = exp(-2 pi i k1 n2 / N)   (twiddles)
+#     x[n1, n2] = (conj(F_N1) @ ((X @ conj(F_N2)) * conj(T))) / N
+# so a row's FFT, the product with the filter's spectrum (precomputed in the same (k1, k2) layout) and
+# the inverse FFT are 8 small real matmuls on tensor cores with everything in registers: one read of u,
+# one write of y. N >= 2L, so the input is zero in rows n1 >= N1/2 (stage one uses half of F_N1) and
+# only output rows n1 < N1/2 are kept (the last stage computes half, real part only).
+# The backward uses the same kernel with conj(K) for grad_u (the correlation), and a second kernel for
+# grad_k = sum_b IDFT(conj(U_b) G_b) and grad_D = sum_b,t g u, reduced over the batch in registers.
+_TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
+_TRITON_POISON = False  # tests: fill kernel outputs with NaN first, so an unwritten element shows
+_MFFT_CONSTS = {}
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # not installed (CPU machines), or broken: the fallback is the 'fast' path
+    triton = tl = None
+
+if triton is not None:
+    @triton.jit
+    def _mfft_dot(a, b, PREC: tl.constexpr):
+        if PREC == 'bf16':
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+        else:
+            out = tl.dot(a, b, input_precision=PREC, out_dtype=tl.float32)
+        return out
+
+    @triton.jit
+    def _mfft_forward(xr, xi, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC: tl.constexpr):
+        """DFT of a complex row x = xr + i xi whose only nonzero entries are its first N/2, given as
+        (N1/2, N2) matrices: (N1, N2) re, im in the [k1, k2] layout."""
+        ar = _mfft_dot(F1hr, xr, PREC) - _mfft_dot(F1hi, xi, PREC)
+        ai = _mfft_dot(F1hr, xi, PREC) + _mfft_dot(F1hi, xr, PREC)
+        br = ar * Tr - ai * Ti
+        bi = ar * Ti + ai * Tr
+        cr = _mfft_dot(br, F2r, PREC) - _mfft_dot(bi, F2i, PREC)
+        ci = _mfft_dot(br, F2i, PREC) + _mfft_dot(bi, F2r, PREC)
+        return cr, ci
+
+    @triton.jit
+    def _mfft_inverse_stage2(yr, yi, Tr, Ti, F2r, F2i, PREC: tl.constexpr):
+        """(y @ conj(F_N2)) * conj(T): the first half of the inverse DFT."""
+        dr = _mfft_dot(yr, F2r, PREC) + _mfft_dot(yi, F2i, PREC)
+        di = _mfft_dot(yi, F2r, PREC) - _mfft_dot(yr, F2i, PREC)
+        return dr * Tr + di * Ti, di * Tr - dr * Ti
+
+    @triton.jit
+    def _mfft_conv_kernel(u_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                          B, C, L, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+        """y[b, c] = IDFT(DFT(u[b, c]) * K[c])[:L] + d[c] u[b, c], for one channel c and ROWS batch rows.
+        Two rows at a time share one complex FFT: with a real filter, conv(u_b + i u_b', k) =
+        conv(u_b, k) + i conv(u_b', k), so the real and imaginary parts of the result are the two outputs."""
+        c = tl.program_id(0)
+        pb = tl.program_id(1)
+        H1: tl.constexpr = N1 // 2
+        i1 = tl.arange(0, N1)
+        h1 = tl.arange(0, H1)
+        i2 = tl.arange(0, N2)
+        F1hr = tl.load(f1r_ptr + i1[:, None] * N1 + h1[None, :])
+        F1hi = tl.load(f1i_ptr + i1[:, None] * N1 + h1[None, :])
+        F1tr = tl.load(f1r_ptr + h1[:, None] * N1 + i1[None, :])
+        F1ti = tl.load(f1i_ptr + h1[:, None] * N1 + i1[None, :])
+        F2r = tl.load(f2r_ptr + i2[:, None] * N2 + i2[None, :])
+        F2i = tl.load(f2i_ptr + i2[:, None] * N2 + i2[None, :])
+        mat = i1[:, None] * N2 + i2[None, :]
+        Tr = tl.load(tr_ptr + mat)
+        Ti = tl.load(ti_ptr + mat)
+        Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
+        Ki = tl.load(ki_ptr + c * (N1 * N2) + mat)
+        dc = tl.load(d_ptr + c)
+        t = h1[:, None] * N2 + i2[None, :]
+        tmask = t < L
+        for r in range(0, ROWS, 2):
+            b0 = pb * ROWS + r
+            m0 = tmask & (b0 < B)
+            m1 = tmask & (b0 + 1 < B) & (r + 1 < ROWS)
+            base0 = (b0 * C + c).to(tl.int64) * L
+            base1 = base0 + C * L
+            xr = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
+            xi = tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
+            cr, ci = _mfft_forward(xr, xi, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
+            er, ei = _mfft_inverse_stage2(cr * Kr - ci * Ki, cr * Ki + ci * Kr, Tr, Ti, F2r, F2i, PREC)
+            # last stage, output rows n1 < N1/2: conj(F_N1) @ e, real part -> row b0, imaginary -> row b0 + 1
+            y0 = (_mfft_dot(F1tr, er, PREC) + _mfft_dot(F1ti, ei, PREC)) * (1.0 / (N1 * N2)) + dc * xr
+            y1 = (_mfft_dot(F1tr, ei, PREC) - _mfft_dot(F1ti, er, PREC)) * (1.0 / (N1 * N2)) + dc * xi
+            tl.store(y_ptr + base0 + t, y0.to(y_ptr.dtype.element_ty), mask=m0)
+            tl.store(y_ptr + base1 + t, y1.to(y_ptr.dtype.element_ty), mask=m1)
+
+    @triton.jit
+    def _mfft_corr_kernel(u_ptr, g_ptr, gk_ptr, gd_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                          B, C, L, Lk, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+        """Partial sums over this program's ROWS batch rows, channel c: gk[pb, c] = IDFT(sum conj(U) G)[:Lk]
+        (the filter's gradient) and gd[pb, c] = sum g u (the skip term's). Rows go in pairs: with
+        U = DFT(u_b + i u_b') and G = DFT(g_b + i g_b'), conj(U) G = (conj(U_b) G_b + conj(U_b') G_b') + i X,
+        where X is the spectrum of a real signal too, so Re(IDFT(.)) is the sum of the two correlations."""
+        c = tl.program_id(0)
+        pb = tl.program_id(1)
+        H1: tl.constexpr = N1 // 2
+        i1 = tl.arange(0, N1)
+        h1 = tl.arange(0, H1)
+        i2 = tl.arange(0, N2)
+        F1hr = tl.load(f1r_ptr + i1[:, None] * N1 + h1[None, :])
+        F1hi = tl.load(f1i_ptr + i1[:, None] * N1 + h1[None, :])
+        F1tr = tl.load(f1r_ptr + h1[:, None] * N1 + i1[None, :])
+        F1ti = tl.load(f1i_ptr + h1[:, None] * N1 + i1[None, :])
+        F2r = tl.load(f2r_ptr + i2[:, None] * N2 + i2[None, :])
+        F2i = tl.load(f2i_ptr + i2[:, None] * N2 + i2[None, :])
+        mat = i1[:, None] * N2 + i2[None, :]
+        Tr = tl.load(tr_ptr + mat)
+        Ti = tl.load(ti_ptr + mat)
+        t = h1[:, None] * N2 + i2[None, :]
+        tmask = t < L
+        sr = tl.zeros([N1, N2], dtype=tl.float32)
+        si = tl.zeros([N1, N2], dtype=tl.float32)
+        dd = tl.zeros([H1, N2], dtype=tl.float32)
+        for r in range(0, ROWS, 2):
+            b0 = pb * ROWS + r
+            m0 = tmask & (b0 < B)
+            m1 = tmask & (b0 + 1 < B) & (r + 1 < ROWS)
+            base0 = (b0 * C + c).to(tl.int64) * L
+            base1 = base0 + C * L
+            ur0 = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
+            ui0 = tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
+            gr0 = tl.load(g_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
+            gi0 = tl.load(g_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
+            ur, ui = _mfft_forward(ur0, ui0, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
+            gr, gi = _mfft_forward(gr0, gi0, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
+            sr += ur * gr + ui * gi
+            si += ur * gi - ui * gr
+            dd += ur0 * gr0 + ui0 * gi0
+        er, ei = _mfft_inverse_stage2(sr, si, Tr, Ti, F2r, F2i, PREC)
+        gk = (_mfft_dot(F1tr, er, PREC) + _mfft_dot(F1ti, ei, PREC)) * (1.0 / (N1 * N2))
+        out = (pb * C + c).to(tl.int64)
+        tl.store(gk_ptr + out * Lk + t, gk, mask=t < Lk)
+        tl.store(gd_ptr + out, tl.sum(tl.sum(dd, axis=1), axis=0))
+
+
+def _mfft_plan(L):
+    """FFT size N >= 2L (a power of two, >= 512 so every matmul dimension is >= 16) and N = N1 * N2, N1 >= N2."""
+    N = max(512, 2 ** math.ceil(math.log2(2 * L)))
+    m = N.bit_length() - 1
+    N1 = 2 ** ((m + 1) // 2)
+    return N, N1, N // N1
+
+
+def _mfft_consts(N1, N2, device):
+    """DFT matrices F_N1, F_N2 and twiddles T (real and imaginary parts, fp32), cached per device."""
+    key = (N1, N2, str(device))
+    if key not in _MFFT_CONSTS:
+        N = N1 * N2
+        j1, j2 = torch.arange(N1, dtype=torch.float64), torch.arange(N2, dtype=torch.float64)
+        a1 = -2 * math.pi * torch.outer(j1, j1).remainder(N1) / N1
+        a2 = -2 * math.pi * torch.outer(j2, j2).remainder(N2) / N2
+        at = -2 * math.pi * torch.outer(j1, j2) / N
+        _MFFT_CONSTS[key] = tuple(t.float().contiguous().to(device) for t in
+                                  (a1.cos(), a1.sin(), a2.cos(), a2.sin(), at.cos(), at.sin()))
+    return _MFFT_CONSTS[key]
+
+
+def _mfft_launch(B, C, N):
+    """Batch rows per program and warps per program: enough programs to fill the GPU a few times over."""
+    rows = TRITON_ROWS or 2 * max(1, -(-B * C // 4096))  # even: rows go through the FFT in pairs
+    warps = TRITON_NUM_WARPS or (4 if N <= 1024 else 8)
+    return min(rows, B), warps
+
+
+def _triton_applies(u, k, D):
+    return (triton is not None and u.dim() == 3 and k.dim() == 2 and k.shape[0] == u.shape[1]
+            and (D is None or tuple(D.shape) == (u.shape[1],))
+            and u.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (u.is_cuda or _TRITON_INTERPRET) and _mfft_plan(u.shape[-1])[0] <= TRITON_MAX_N)
+
+
+def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
+    B, C, L = u.shape
+    N1, N2 = kr.shape[1], kr.shape[2]
+    y = torch.full_like(u, float('nan')) if _TRITON_POISON else torch.empty_like(u)
+    grid = (C, -(-B // rows))
+    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        _mfft_conv_kernel[grid](u, y, kr, ki, d, *_mfft_consts(N1, N2, u.device), B, C, L, rows,
+                                N1=N1, N2=N2, PREC=prec, num_warps=warps)
+    return y
+
+
+def _mfft_corr_impl(u, g, N1, N2, Lk, prec, rows, warps):
+    B, C, L = u.shape
+    nb = -(-B // rows)
+    fill = float('nan') if _TRITON_POISON else 0.0
+    gk = torch.full((nb, C, Lk), fill, device=u.device, dtype=torch.float32)
+    gd = torch.full((nb, C), fill, device=u.device, dtype=torch.float32)
+    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        _mfft_corr_kernel[(C, nb)](u, g, gk, gd, *_mfft_consts(N1, N2, u.device), B, C, L, Lk, rows,
+                                   N1=N1, N2=N2, PREC=prec, num_warps=warps)
+    return gk, gd
+
+
+if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
+    # Custom ops: opaque to torch.compile, which fuses the gates around them but never traces the launches.
+    @torch.library.custom_op('hyena::mfft_conv', mutates_args=())
+    def _mfft_conv_op(u: torch.Tensor, kr: torch.Tensor, ki: torch.Tensor, d: torch.Tensor, prec: str,
+                      rows: int, warps: int) -> torch.Tensor:
+        return _mfft_conv_impl(u, kr, ki, d, prec, rows, warps)
+
+    @_mfft_conv_op.register_fake
+    def _(u, kr, ki, d, prec, rows, warps):
+        return torch.empty_like(u)
+
+    @torch.library.custom_op('hyena::mfft_corr', mutates_args=())
+    def _mfft_corr_op(u: torch.Tensor, g: torch.Tensor, n1: int, n2: int, lk: int, prec: str, rows: int,
+                      warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _mfft_corr_impl(u, g, n1, n2, lk, prec, rows, warps)
+
+    @_mfft_corr_op.register_fake
+    def _(u, g, n1, n2, lk, prec, rows, warps):
+        nb = -(-u.shape[0] // rows)
+        return u.new_empty(nb, u.shape[1], lk, dtype=torch.float32), u.new_empty(nb, u.shape[1], dtype=torch.float32)
+
+
+class _MonarchFFTConv(torch.autograd.Function):
+    """fftconv through the Triton kernels (impl 'triton'): u (B, C, L) contiguous, k (C, Lk), D (C,) or None.
+    Saves only u and the filter's spectrum; the backward recomputes the row FFTs inside the kernels."""
+
+    @staticmethod
+    def forward(ctx, u, k, D):
+        B, C, L = u.shape
+        N, N1, N2 = _mfft_plan(L)
+        rows, warps = _mfft_launch(B, C, N)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            k_f = torch.fft.fft(k.float(), n=N).view(C, N2, N1).transpose(1, 2)  # [c, k1, k2] = K[k1 + N1 k2]
+            kr, ki = k_f.real.contiguous(), k_f.imag.contiguous()
+            d = D.float().contiguous() if D is not None else torch.zeros(C, device=u.device, dtype=torch.float32)
+            u = u.contiguous()
+            y = torch.ops.hyena.mfft_conv(u, kr, ki, d, TRITON_DOT, rows, warps)
+        ctx.save_for_backward(u, kr, ki, d)
+        ctx.cfg = (N1, N2, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, kr, ki, d = ctx.saved_tensors
+        N1, N2, Lk, prec, rows, warps, k_dtype, d_dtype = ctx.cfg
+        g = grad_y.to(u.dtype).contiguous()
+        grad_u = grad_k = grad_D = None
+        if ctx.needs_input_grad[0]:  # the adjoint of a convolution with k is a correlation: conj(K)
+            grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
+        if ctx.needs_input_grad[1] or (d_dtype is not None and ctx.needs_input_grad[2]):
+            gk, gd = torch.ops.hyena.mfft_corr(u, g, N1, N2, Lk, prec, rows, warps)
+            grad_k = gk.sum(0).to(k_dtype)
+            grad_D = gd.sum(0).to(d_dtype) if d_dtype is not None else None
+        return grad_u, grad_k, grad_D
+
+
+def short_conv(z, conv):
+    """The depthwise causal short conv of `conv` (an nn.Conv1d with groups = channels, padding K - 1) along
+    the time axis of z (B, T, W), returned as (B, W, T) (maybe a strided view). SHORT_CONV picks cuDNN's
+    conv1d or K shifted multiply-adds, y[t] = b + sum_j w[j] z[t - K + 1 + j], which torch.compile fuses
+    with the transposes and gates around it (a conv1d is an opaque library call to the compiler)."""
+    T = z.shape[1]
+    mode = SHORT_CONV
+    if mode == 'auto':
+        mode = 'shift' if torch.compiler.is_compiling() else 'conv1d'
+    if mode == 'conv1d':
+        return conv(z.transpose(1, 2))[..., :T]
+    if mode != 'shift':
+        raise ValueError(f"SHORT_CONV must be 'auto', 'conv1d' or 'shift', got {mode!r}")
+    K = conv.kernel_size[0]
+    w = conv.weight.squeeze(1).t().to(z.dtype)  # (K, W)
+    zp = F.pad(z, (0, 0, K - 1, 0))
+    y = zp[:, K - 1:K - 1 + T] * w[K - 1]
+    for j in range(K - 1):
+        y = y + zp[:, j:j + T] * w[j]
+    if conv.bias is not None:
+        y = y + conv.bias.to(z.dtype)
+    return y.transpose(1, 2)
 
 
 class Sin(nn.Module):
@@ -145,6 +512,7 @@ class HyenaOperator(nn.Module):
         self.filter = HyenaFilter(d_model * (order - 1), l_max, filter_order, emb_dim, filter_freq)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.modal = None  # a recurrent.ModalFilter once fitted (recurrent.fit_model): constant-memory decoding
 
     def forward(self, x, cache=None):
         """x: (B, T, d_model). With a cache dict, the first call fills it (prefill) and later calls take
@@ -152,7 +520,7 @@ class HyenaOperator(nn.Module):
         if cache is not None and 'history' in cache:
             return self._step(x, cache)
         B, T, D = x.shape
-        u = self.short_filter(self.in_proj(x).transpose(1, 2))[..., :T]  # (B, (N+1)D, T)
+        u = short_conv(self.in_proj(x), self.short_filter)  # (B, (N+1)D, T), maybe a transposed view
         *gates, v = u.split(D, dim=1)
         h = self.filter(T).view(self.order - 1, D, T)
         skip = self.filter.bias.view(self.order - 1, D)
@@ -177,6 +545,9 @@ class HyenaOperator(nn.Module):
         tail = x.new_zeros(B, proj.shape[1], K - 1) if K > 1 else None
         if K > 1:
             tail[..., K - 1 - proj.shape[-1]:] = proj
+        if self.modal is not None:  # recurrent mode: a fixed-size modal state replaces history and taps
+            cache.update(tail=tail, history=None, state=self.modal.initial_state(conv_inputs), length=T)
+            return
         history = x.new_zeros(self.order - 1, B, D, max_len, dtype=torch.float32)
         for i, v in enumerate(conv_inputs):
             history[i, ..., :T] = v.float()
@@ -190,7 +561,7 @@ class HyenaOperator(nn.Module):
         skip = self.filter.bias.view(self.order - 1, D).float()
         for t in range(x.shape[1]):
             pos = cache['length']
-            if pos >= cache['history'].shape[-1]:
+            if cache['history'] is not None and pos >= cache['history'].shape[-1]:
                 raise ValueError(f"Hyena cache is full ({pos} tokens); prefill with a larger max_len")
             u_t = self.in_proj(x[:, t]).unsqueeze(-1)  # (B, (N+1)D, 1)
             window = torch.cat([cache['tail'], u_t], dim=-1) if cache['tail'] is not None else u_t
@@ -200,9 +571,12 @@ class HyenaOperator(nn.Module):
                 cache['tail'] = window[..., 1:]
             *gates, v = u_t.split(D, dim=1)
             v = v.float()
-            taps = cache['taps'][..., -(pos + 1):]  # reversed taps h[pos], ..., h[0]
+            taps = cache['taps'][..., -(pos + 1):] if cache['history'] is not None else None  # h[pos], ..., h[0]
             for i, gate in enumerate(reversed(gates[1:])):
                 v = v * gate.float()
+                if cache['history'] is None:  # recurrent mode (recurrent.py): O(d_state * D), constant memory
+                    v = self.modal.step(cache['state'], i, v) + skip[i] * v
+                    continue
                 cache['history'][i, ..., pos] = v
                 v = torch.einsum('bdt,dt->bd', cache['history'][i, ..., :pos + 1], taps[i]) + skip[i] * v
             cache['length'] = pos + 1

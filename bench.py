@@ -1,0 +1,908 @@
+"""
+Speed benchmarks: the teacher (GPT-2 124M shape) against the all-Hyena student, at the mixer, the
+long convolution, the training step, the distillation step and generation (issue 5; issue 6 item 3).
+Every section runs in its own try/except: a failure becomes an 'error: ...' cell, never a crash.
+Results: markdown tables on stdout and in out_dir/bench.md, everything in out_dir/bench.json
+(rewritten after each section, so a run cut short still leaves what it measured).
+
+    python bench.py                                   # all sections on the GPU (~5-6 min on one H200)
+    python bench.py --sections="['mixer','fftconv']"  # a subset: env check mixer fftconv model distill generate
+    python bench.py --quick=True --device=cpu         # CPU smoke run on tiny shapes (what the tests run)
+    python bench.py --compile=False                   # eager training steps (compiling is the default on CUDA)
+
+Variants are strings, so one call compares them all:
+  mixer_variants / fftconv_variants: 'attention' or 'hyena' followed by options joined with '-':
+    plain | fast | triton    fftconv implementation (hyena.FFTCONV_IMPL); 'plain' also means cuDNN short conv
+    pow2 | smooth            FFT sizes (hyena.FFT_SIZE)
+    tf32 | bf16 | ieee       operand precision of the Triton kernel's matmuls (hyena.TRITON_DOT)
+    conv1d | shift           short conv (hyena.SHORT_CONV; default: shift when compiled, conv1d in eager)
+    compile                  torch.compile(dynamic=False) the module (CUDA only)
+    e.g. 'hyena-triton-bf16-compile'. fftconv_variants take the same options without the leading kind.
+  model_variants / distill_variants: 'teacher' or 'student' with the same options, e.g. 'student-triton'.
+"""
+import contextlib
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import hyena
+from model import GPT, CausalSelfAttention, GPTConfig
+
+# -----------------------------------------------------------------------------------------------------------
+out_dir = 'out-bench'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+sections = ['env', 'check', 'mixer', 'fftconv', 'model', 'distill', 'generate']
+quick = False  # tiny shapes for a CPU smoke run (keys given on the command line still win)
+seed = 1337
+cpu_threads = 0  # torch.set_num_threads on CPU (0: leave torch's default); quick runs use 1
+max_minutes = 30.0  # sections that would start after this are skipped (and say so)
+# timing: triton.testing.do_bench (median) on CUDA where it imports, else CUDA events / host clock, median
+warmup_ms = 25
+rep_ms = 100
+# shapes shared by every section
+n_layer = 12
+n_head = 12
+n_embd = 768
+vocab_size = 50304
+# speed knobs of hyena.py that are not per-variant
+triton_max_n = 4096  # hyena.TRITON_MAX_N: largest FFT size the Triton kernel takes (L <= triton_max_n / 2)
+triton_num_warps = 0  # hyena.TRITON_NUM_WARPS (0: by size)
+triton_rows = 0  # hyena.TRITON_ROWS (0: auto)
+# check: CUDA correctness of every fast path against an fp64 reference, compiled against eager under bf16
+check_lengths = [1000, 2048, 16384]
+check_batch = 4
+check_channels = 64
+check_impls = ['fast', 'fast-pow2', 'triton', 'triton-bf16', 'triton-ieee']
+check_op_length = 2048
+check_op_variants = ['hyena-fast', 'hyena-fast-compile', 'hyena-triton', 'hyena-triton-compile']
+# mixer: fwd+bwd of one sequence mixer under bf16 autocast, B * L = mixer_tokens
+mixer_lengths = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+mixer_tokens = 65536
+mixer_variants = ['attention', 'hyena-plain', 'hyena-fast', 'hyena-fast-compile',
+                  'hyena-triton', 'hyena-triton-bf16', 'hyena-triton-compile', 'hyena-triton-bf16-compile']
+# fftconv: the long convolution alone on (B, n_embd, L) bf16, against its memory-bandwidth floor
+fftconv_lengths = [1024, 1536, 2048, 3072, 4096, 6144, 8192, 16384, 65536]
+fftconv_tokens = 65536
+fftconv_variants = ['plain', 'fast', 'fast-pow2', 'triton', 'triton-bf16']
+copy_mb = 1024  # size of the device-to-device copy that measures the bandwidth ceiling
+# model: a training step (fwd + bwd + fused AdamW), bf16 autocast
+model_blocks = [1024, 4096, 16384]
+model_tokens = 16384  # tokens per step: batch = model_tokens // block_size
+model_variants = ['teacher', 'student', 'student-triton', 'student-triton-bf16']
+model_warmup = 3
+model_iters = 10
+compile = True  # torch.compile the training/distill steps on CUDA
+compile_scope = 'blocks'  # 'blocks': each Block compiled (identical blocks share one graph: fast to compile); 'model'
+# distill: teacher forward (no_grad) + student fwd/bwd/AdamW on alpha * T^2 * KL + (1 - alpha) * CE
+distill_block = 1024
+distill_tokens = 16384
+distill_variants = ['student', 'student-triton']
+kd_temperature = 2.0
+kd_alpha = 0.5
+# generate: prefill a random prompt of each context, then time new tokens with model.generate(use_cache=True)
+gen_contexts = [1024, 4096, 16384, 65536]
+gen_new_tokens = 128
+gen_batch = 8
+gen_models = ['teacher', 'student', 'recurrent']
+gen_d_state = 16
+gen_fit_length = 2048  # recurrent fit: taps fitted and iterations (speed does not depend on the fit's quality)
+gen_fit_iters = 50
+gen_autocast = True  # bf16 autocast on CUDA
+# -----------------------------------------------------------------------------------------------------------
+QUICK = dict(cpu_threads=1, n_layer=2, n_head=4, n_embd=32, vocab_size=128, warmup_ms=1, rep_ms=5,
+             check_lengths=[64, 100], check_batch=2, check_channels=8, check_op_length=64,
+             mixer_lengths=[64, 128], mixer_tokens=256, fftconv_lengths=[64, 96], fftconv_tokens=256, copy_mb=16,
+             model_blocks=[32, 64], model_tokens=128, model_warmup=1, model_iters=2,
+             distill_block=32, distill_tokens=128, gen_contexts=[16, 32], gen_new_tokens=4, gen_batch=2)
+
+from configurator import configure  # noqa: E402
+
+if __name__ == '__main__':
+    config = configure(globals())
+    if quick:
+        given = {a[2:].split('=', 1)[0] for a in sys.argv[1:] if a.startswith('--')}
+        for key, value in QUICK.items():
+            if key not in given:
+                globals()[key] = value
+        config.update({k: globals()[k] for k in QUICK if k not in given})
+
+CUDA = False  # set in main()
+START = time.time()
+
+
+# ---- small helpers ----------------------------------------------------------------------------------------
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def autocast():
+    return torch.autocast(device_type='cuda' if CUDA else 'cpu', dtype=torch.bfloat16)
+
+
+def error_cell(e):
+    msg = f"{type(e).__name__}: {e}".replace('\n', ' ').replace('|', '/')
+    return 'error: ' + (msg[:160] + '...' if len(msg) > 160 else msg)
+
+
+def free_memory():
+    import gc
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+_DO_BENCH = None
+
+
+def bench_ms(fn, grad_to_none=None):
+    """Median milliseconds of fn(): triton.testing.do_bench on CUDA when it imports (warm-up and repeats in
+    ms, L2 flushed between runs), else CUDA events around each run (or the host clock on CPU)."""
+    global _DO_BENCH
+    if CUDA and _DO_BENCH is None:
+        try:
+            from triton.testing import do_bench
+            _DO_BENCH = do_bench
+        except Exception:
+            _DO_BENCH = False
+    if CUDA and _DO_BENCH:
+        try:
+            return float(_DO_BENCH(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode='median'))
+        except TypeError:  # an older do_bench without return_mode
+            return float(_DO_BENCH(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5]))
+    # own timing: estimate one run, then warm up for warmup_ms and time for rep_ms
+    def clear():
+        for t in grad_to_none or []:
+            t.grad = None
+    clear()
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    clear()
+    fn()
+    sync()
+    est = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        clear()
+        fn()
+    times = []
+    for _ in range(max(3, min(1000, int(rep_ms / est)))):
+        clear()
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_steps(fn, warmup, iters):
+    """Median ms of fn() over iters runs after warmup runs (for steps too long for do_bench's repeats)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(fn, absolute=False):
+    """Peak CUDA memory of fn() in MiB: above what was allocated before it, or absolute. 'n/a' on CPU."""
+    if not CUDA:
+        fn()
+        return 'n/a (cpu)'
+    sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return (torch.cuda.max_memory_allocated() - (0 if absolute else base)) / 2 ** 20
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float('inf')
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ---- variants ---------------------------------------------------------------------------------------------
+def parse_variant(spec):
+    """'hyena-triton-bf16-compile' -> dict(kind='hyena', impl='triton', dot='bf16', compile=True, ...)."""
+    parts = spec.split('-')
+    opts = dict(kind=parts[0], impl='fast', fft='smooth', dot='tf32', short=None, compile=False)
+    if opts['kind'] not in ('attention', 'hyena', 'teacher', 'student', 'fftconv'):
+        raise ValueError(f"variant {spec!r}: must start with attention, hyena, teacher or student")
+    for p in parts[1:]:
+        if p in ('plain', 'fast', 'triton'):
+            opts['impl'] = p
+        elif p in ('pow2', 'smooth'):
+            opts['fft'] = p
+        elif p in ('tf32', 'bf16', 'ieee'):
+            opts['dot'] = p
+        elif p in ('conv1d', 'shift'):
+            opts['short'] = p
+        elif p == 'compile':
+            opts['compile'] = True
+        else:
+            raise ValueError(f"variant {spec!r}: unknown option {p!r}")
+    if opts['short'] is None:
+        opts['short'] = 'conv1d' if opts['impl'] == 'plain' else 'auto'
+    return opts
+
+
+@contextlib.contextmanager
+def hyena_settings(opts):
+    new = dict(FFTCONV_IMPL=opts['impl'], FFT_SIZE=opts['fft'], TRITON_DOT=opts['dot'], SHORT_CONV=opts['short'],
+               TRITON_MAX_N=triton_max_n, TRITON_NUM_WARPS=triton_num_warps, TRITON_ROWS=triton_rows)
+    old = {k: getattr(hyena, k) for k in new}
+    for k, v in new.items():
+        setattr(hyena, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(hyena, k, v)
+
+
+def triton_unavailable(opts, L):
+    """Why the Triton kernel would not run for length L (fftconv would fall back to 'fast'), or None."""
+    if opts['impl'] != 'triton':
+        return None
+    if hyena.triton is None:
+        return 'n/a: triton not installed'
+    if not (CUDA or hyena._TRITON_INTERPRET):
+        return 'n/a: triton needs CUDA'
+    if not CUDA and opts['dot'] == 'bf16':
+        return 'n/a: the Triton interpreter cannot do bf16 dots'
+    if hyena._mfft_plan(L)[0] > triton_max_n:
+        return f'n/a: L > triton_max_n/2 ({triton_max_n // 2})'
+    return None
+
+
+def compile_unavailable(opts):
+    if opts['compile'] and not CUDA:
+        return 'n/a: compile on CUDA only'
+    return None
+
+
+def maybe_compile(module, opts):
+    return torch.compile(module, dynamic=False) if opts['compile'] else module
+
+
+def gpt_config(kind, block_size, pos_emb=True):
+    return GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                     dropout=0.0, bias=True, pos_emb=pos_emb,
+                     hyena_layers=list(range(n_layer)) if kind in ('student', 'recurrent') else [])
+
+
+def compile_model(model):
+    """The callable to train with: the model itself, or with its blocks (or all of it) compiled."""
+    if not (compile and CUDA):
+        return model
+    if compile_scope == 'model':
+        return torch.compile(model, dynamic=False)
+    for block in model.transformer.h:
+        block.compile(dynamic=False)
+    return model
+
+
+# ---- markdown and JSON ------------------------------------------------------------------------------------
+def fmt(v):
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v == 0:
+            return '0'
+        if abs(v) >= 1e5:
+            return f'{v:,.0f}'
+        return f'{v:.3g}' if abs(v) < 100 else f'{v:.0f}'
+    return str(v)
+
+
+def md_table(columns, rows):
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+    for row in rows:
+        lines.append('| ' + ' | '.join(fmt(row.get(c, 'missing')) for c in columns) + ' |')
+    return '\n'.join(lines)
+
+
+RESULTS = {'meta': {}, 'sections': {}}
+
+
+def save():
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'bench.json'), 'w') as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    with open(os.path.join(out_dir, 'bench.md'), 'w') as f:
+        f.write(render())
+
+
+def render():
+    out = [f"# bench.py results\n\n{RESULTS['meta'].get('summary', '')}\n"]
+    for name, sec in RESULTS['sections'].items():
+        out.append(f"## {name}\n")
+        if sec.get('error'):
+            out.append(f"section error: {sec['error']}\n")
+        if sec.get('columns'):
+            out.append(md_table(sec['columns'], sec['rows']) + '\n')
+        for note in sec.get('notes', []):
+            out.append(f"- {note}")
+        out.append('')
+    return '\n'.join(out)
+
+
+# ---- sections ---------------------------------------------------------------------------------------------
+ENV = {'copy_GBps': None}
+
+
+def section_env():
+    rows, notes = [], []
+    def add(what, value):
+        rows.append({'what': what, 'value': value})
+    add('torch', torch.__version__)
+    add('python', sys.version.split()[0])
+    add('device', torch.cuda.get_device_name() if CUDA else 'cpu')
+    try:
+        import triton
+        add('triton', triton.__version__)
+    except Exception:
+        add('triton', 'n/a: not installed')
+    add('date', datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))
+    n = copy_mb * 2 ** 20 // 4
+    try:
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+        ms = bench_ms(lambda: dst.copy_(src))
+        ENV['copy_GBps'] = 2 * src.numel() * 4 / (ms / 1e3) / 1e9
+        add('device-to-device copy GB/s (read + write)', ENV['copy_GBps'])
+        del src, dst
+    except Exception as e:
+        add('device-to-device copy GB/s (read + write)', error_cell(e))
+    try:
+        m = 8192 if CUDA else 256
+        a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        ms = bench_ms(lambda: a @ b)
+        add(f'bf16 matmul {m}^3 TFLOP/s (random data)', 2 * m ** 3 / (ms / 1e3) / 1e12)
+        del a, b
+    except Exception as e:
+        add('bf16 matmul TFLOP/s', error_cell(e))
+    add('timer', 'triton.testing.do_bench (median)' if CUDA and _DO_BENCH else
+        ('CUDA events (median)' if CUDA else 'host clock (median)'))
+    free_memory()
+    return ['what', 'value'], rows, notes
+
+
+def reference_fftconv64(u, k, D):
+    """The causal convolution in float64 by FFT: the yardstick of the check section."""
+    L = u.shape[-1]  # k has at most L taps: 2L of padding keeps the convolution linear
+    n = 2 * L
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L] + u * D.unsqueeze(-1)
+
+
+def section_check():
+    """fftconv impls against an fp64 reference (outputs and the three gradients, fresh random inputs each);
+    HyenaOperator variants (eager and compiled, bf16 autocast) against the fp32 eager plain operator."""
+    rows, notes = [], []
+    tol = {'fast': 1e-5, 'triton-tf32': 5e-3, 'triton-ieee': 1e-5, 'triton-bf16': 3e-2}
+    columns = ['impl', 'L', 'dtype', 'y', 'grad u', 'grad k', 'grad D', 'tolerance', 'pass']
+    for spec in check_impls:
+        opts = parse_variant('fftconv-' + spec)
+        for L in check_lengths:
+            for dtype in (torch.float32, torch.bfloat16):
+                row = {'impl': spec, 'L': L, 'dtype': str(dtype).replace('torch.', '')}
+                why = triton_unavailable(opts, L)
+                if why:
+                    row.update({c: why for c in columns[3:]})
+                    rows.append(row)
+                    continue
+                try:
+                    B, C = check_batch, check_channels
+                    u = torch.randn(B, C, L, device=device).to(dtype)
+                    k = torch.randn(C, L, device=device) / math.sqrt(L)
+                    D = torch.randn(C, device=device)
+                    g = torch.randn(B, C, L, device=device).to(dtype)
+                    leaves64 = [t.double().requires_grad_() for t in (u, k, D)]
+                    ref = reference_fftconv64(*leaves64)
+                    ref.backward(g.double())
+                    leaves = [t.clone().requires_grad_() for t in (u, k, D)]
+                    hyena._TRITON_POISON = True
+                    with hyena_settings(opts):
+                        y = hyena.fftconv(*leaves)
+                        y.backward(g)
+                    errs = [rel_err(y, ref)] + [rel_err(a.grad, b.grad) for a, b in zip(leaves, leaves64)]
+                    # a bf16 output carries its own rounding (~2e-3): allow for it
+                    t = tol['fast' if opts['impl'] == 'fast' else f"triton-{opts['dot']}"]
+                    t = max(t, 1e-2) if dtype == torch.bfloat16 else t
+                    row.update({'y': errs[0], 'grad u': errs[1], 'grad k': errs[2], 'grad D': errs[3],
+                                'tolerance': t, 'pass': 'yes' if max(errs) < t else 'NO'})
+                except Exception as e:
+                    row.update({c: error_cell(e) for c in columns[3:] if c not in row})
+                finally:
+                    hyena._TRITON_POISON = False
+                rows.append(row)
+    fft_rows = rows
+    rows = []
+    op_columns = ['variant', 'L', 'y vs fp32 plain', 'grad x', 'grad params (max)', 'y vs eager', 'grad x vs eager',
+                  'grad params vs eager (max)', 'pass']
+    L = check_op_length
+    torch.manual_seed(seed)
+    op = hyena.HyenaOperator(n_embd, l_max=L).to(device)
+    x = torch.randn(check_batch, L, n_embd, device=device)
+    gy = torch.randn(check_batch, L, n_embd, device=device)
+
+    def run(fn, opts, use_autocast):
+        op.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        with hyena_settings(opts), (autocast() if use_autocast else contextlib.nullcontext()):
+            y = fn(xx)
+        y.backward(gy.to(y.dtype))
+        return [y.float(), xx.grad] + [p.grad.clone() for p in op.parameters()]
+
+    try:
+        ref = run(op, parse_variant('hyena-plain'), False)
+    except Exception as e:
+        ref = e
+    eager = {}
+    for spec in check_op_variants:
+        opts = parse_variant(spec)
+        row = {'variant': spec, 'L': L}
+        why = triton_unavailable(opts, L) or compile_unavailable(opts)
+        if why or isinstance(ref, Exception):
+            row.update({c: why or error_cell(ref) for c in op_columns[2:]})
+            rows.append(row)
+            continue
+        try:
+            if opts['compile']:
+                torch._dynamo.reset()
+            out = run(maybe_compile(op, opts), opts, True)
+            errs = [rel_err(a, b) for a, b in zip(out, ref)]
+            row.update({'y vs fp32 plain': errs[0], 'grad x': errs[1], 'grad params (max)': max(errs[2:])})
+            eager_key = spec.replace('-compile', '')
+            if not opts['compile']:
+                eager[eager_key] = out
+            base = eager.get(eager_key)
+            if base is not None and opts['compile']:
+                e2 = [rel_err(a, b) for a, b in zip(out, base)]
+                row.update({'y vs eager': e2[0], 'grad x vs eager': e2[1], 'grad params vs eager (max)': max(e2[2:])})
+            else:
+                row.update({'y vs eager': '-', 'grad x vs eager': '-', 'grad params vs eager (max)': '-'})
+            worst = max(v for v in row.values() if isinstance(v, float))
+            row['pass'] = 'yes' if worst < 5e-2 else 'NO'  # bf16 autocast against fp32: ~1e-2
+        except Exception as e:
+            row.update({c: error_cell(e) for c in op_columns[2:] if c not in row})
+        rows.append(row)
+    notes.append('fftconv rows: relative L2 error against an fp64 FFT reference on the same (rounded) inputs; '
+                 'tolerances: fast 1e-5, triton tf32 5e-3, ieee 1e-5, bf16 3e-2 (at least 1e-2 for bf16 tensors). '
+                 'Triton outputs are poisoned with NaN before each run, so an unwritten element fails.')
+    notes.append(f'operator rows: HyenaOperator(d_model={n_embd}, order 2), B={check_batch}, bf16 autocast, '
+                 f'against the fp32 eager plain operator and (compiled rows) the same variant in eager; pass < 5e-2.')
+    del op
+    free_memory()
+    RESULTS['sections']['check (operator)'] = {'columns': op_columns, 'rows': rows, 'notes': []}
+    return columns, fft_rows, notes
+
+
+def build_mixer(opts, L):
+    if opts['kind'] == 'attention':
+        return CausalSelfAttention(GPTConfig(block_size=L, n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True))
+    return hyena.HyenaOperator(n_embd, l_max=L, order=2)
+
+
+def section_mixer():
+    """fwd+bwd of one mixer (whole: projections included) under bf16 autocast, B * L fixed."""
+    specs = [(s, parse_variant(s)) for s in mixer_variants]
+    hyena_specs = [s for s, o in specs if o['kind'] == 'hyena']
+    attn = next((s for s, o in specs if o['kind'] == 'attention'), None)
+    columns = ['L', 'B'] + [f'ms {s}' for s, _ in specs] + ['best hyena', 'attention / best'] + \
+              [f'MB {s}' for s, _ in specs]
+    rows = []
+    for L in mixer_lengths:
+        B = max(1, mixer_tokens // L)
+        row = {'L': L, 'B': B}
+        try:
+            torch.manual_seed(seed)
+            x = torch.randn(B, L, n_embd, device=device, requires_grad=True)
+            g = torch.randn(B, L, n_embd, device=device)
+        except Exception as e:
+            row.update({c: error_cell(e) for c in columns if c not in row})
+            rows.append(row)
+            continue
+        for spec, opts in specs:
+            why = triton_unavailable(opts, L) or compile_unavailable(opts)
+            if why:
+                row[f'ms {spec}'] = row[f'MB {spec}'] = why
+                continue
+            try:
+                module = build_mixer(opts, L).to(device)
+                if opts['compile']:
+                    torch._dynamo.reset()
+                fn = maybe_compile(module, opts)
+                with hyena_settings(opts):
+                    with autocast():
+                        gy = g.to(fn(x).dtype)
+
+                    def step():
+                        with autocast():
+                            y = fn(x)
+                        y.backward(gy)
+                    params = [x] + list(module.parameters())
+                    row[f'ms {spec}'] = bench_ms(step, grad_to_none=params)
+                    for p in params:
+                        p.grad = None
+                    row[f'MB {spec}'] = peak_mb(step)
+                del module, fn
+            except Exception as e:
+                row.setdefault(f'ms {spec}', error_cell(e))
+                row.setdefault(f'MB {spec}', error_cell(e))
+            x.grad = None
+            free_memory()
+        times = {s: row[f'ms {s}'] for s in hyena_specs if isinstance(row.get(f'ms {s}'), float)}
+        if times:
+            best = min(times, key=times.get)
+            row['best hyena'] = best
+            a = row.get(f'ms {attn}') if attn else None
+            row['attention / best'] = a / times[best] if isinstance(a, float) else 'n/a: no attention time'
+        else:
+            row['best hyena'] = row['attention / best'] = 'n/a: no hyena time'
+        rows.append(row)
+        del x, g
+        free_memory()
+    notes = [f'd_model={n_embd}, attention {n_head} heads (model.CausalSelfAttention: c_attn + SDPA + c_proj), '
+             f'Hyena order 2 (in_proj, short conv, filter MLP, FFT conv, gates, out_proj); B*L={mixer_tokens}; '
+             'ms: median fwd+bwd; MB: peak CUDA memory above the inputs and weights during one fwd+bwd; '
+             'attention / best > 1 means Hyena is faster.']
+    return columns, rows, notes
+
+
+def section_fftconv():
+    """fftconv alone on (B, C, L) bf16 (as the operator hands it under autocast) against the bytes it must
+    move: forward reads u and writes y (2 B each per element, bf16); forward + backward also reads the
+    incoming gradient g and u again and writes grad u (2 B each). Filter and skip (C * L fp32, k, grad k)
+    are counted too but are negligible."""
+    bw = ENV['copy_GBps']
+    notes = []
+    if not bw:
+        bw = 4300.0 if CUDA else 10.0
+        notes.append(f'copy bandwidth not measured in this run: using {bw} GB/s')
+    columns = ['L', 'B', 'variant', 'fwd ms', 'fwd floor ms', 'fwd / floor', 'fwd+bwd ms', 'fwd+bwd floor ms',
+               'fwd+bwd / floor', 'MB']
+    rows = []
+    C = n_embd
+    for L in fftconv_lengths:
+        B = max(1, fftconv_tokens // L)
+        elems = B * C * L
+        floor_f = (elems * 4 + C * L * 4 + C * 4) / (bw * 1e9) * 1e3
+        floor_fb = (elems * 10 + C * L * 12 + C * 8) / (bw * 1e9) * 1e3
+        for spec in fftconv_variants:
+            opts = parse_variant('fftconv-' + spec)
+            row = {'L': L, 'B': B, 'variant': spec, 'fwd floor ms': floor_f, 'fwd+bwd floor ms': floor_fb}
+            why = triton_unavailable(opts, L)
+            if why:
+                row.update({c: why for c in columns if c not in row})
+                rows.append(row)
+                continue
+            try:
+                torch.manual_seed(seed)
+                u = torch.randn(B, C, L, device=device, dtype=torch.bfloat16, requires_grad=True)
+                k = (torch.randn(C, L, device=device) / math.sqrt(L)).requires_grad_()
+                D = torch.randn(C, device=device, requires_grad=True)
+                g = torch.randn(B, C, L, device=device, dtype=torch.bfloat16)
+                with hyena_settings(opts):
+                    with torch.no_grad():
+                        row['fwd ms'] = bench_ms(lambda: hyena.fftconv(u, k, D))
+                    row['fwd / floor'] = row['fwd ms'] / floor_f
+
+                    def step():
+                        hyena.fftconv(u, k, D).backward(g)
+                    row['fwd+bwd ms'] = bench_ms(step, grad_to_none=[u, k, D])
+                    row['fwd+bwd / floor'] = row['fwd+bwd ms'] / floor_fb
+                    u.grad = k.grad = D.grad = None
+                    row['MB'] = peak_mb(step)
+                del u, k, D, g
+            except Exception as e:
+                row.update({c: error_cell(e) for c in columns if c not in row})
+            rows.append(row)
+            free_memory()
+    notes.append(f'C={C}, B*L={fftconv_tokens}, u and y bf16, k and D fp32; floor = bytes / {bw:.0f} GB/s '
+                 '(the copy bandwidth measured in env); bytes: fwd 4 B per element of u (read u, write y), '
+                 'fwd+bwd 10 B per element (also read g, read u, write grad u) plus the filter (C*L*4 B per '
+                 'pass). MB: peak memory above inputs during one fwd+bwd.')
+    notes.append("fft sizes: 'smooth' and 'pow2' agree whenever 2L is a power of two; the 1536/3072/6144 rows "
+                 'are where they differ (3072 = 3 * 2^10 vs 4096, ...).')
+    return columns, rows, notes
+
+
+def section_model():
+    """A training step of teacher vs student: fwd+bwd+AdamW, bf16 autocast, compiled on CUDA."""
+    columns = ['block', 'batch', 'variant', 'ms/step', 'tokens/s', 'TFLOP/s', 'MFU', 'peak MB', 'student / teacher']
+    rows = []
+    for block in model_blocks:
+        batch = max(1, model_tokens // block)
+        teacher_tps = None
+        for spec in model_variants:
+            opts = parse_variant(spec)
+            row = {'block': block, 'batch': batch, 'variant': spec}
+            why = triton_unavailable(opts, block)
+            if why:
+                row.update({c: why for c in columns if c not in row})
+                rows.append(row)
+                continue
+            try:
+                with hyena_settings(opts):
+                    ms, peak, model = train_step_timing(opts['kind'], block, batch)
+                tps = batch * block / (ms / 1e3)
+                mfu = model.estimate_mfu(batch, ms / 1e3, seq_len=block)
+                row.update({'ms/step': ms, 'tokens/s': tps,
+                            'TFLOP/s': model.flops_per_token(block) * tps / 1e12,
+                            'MFU': mfu if mfu is not None else 'n/a: unknown peak', 'peak MB': peak})
+                if opts['kind'] == 'teacher':
+                    teacher_tps = tps
+                row['student / teacher'] = tps / teacher_tps if teacher_tps and opts['kind'] == 'student' else '-'
+                del model
+            except Exception as e:
+                row.update({c: error_cell(e) for c in columns if c not in row})
+            rows.append(row)
+            free_memory()
+    notes = [f'GPT-2 124M shape ({n_layer} layers, {n_head} heads, {n_embd} wide, vocab {vocab_size}); student: '
+             f'every layer Hyena (order 2); ~{model_tokens} tokens/step; fused AdamW; compile={compile and CUDA} '
+             f'({compile_scope}); ms: median of {model_iters} steps after {model_warmup} warm-up steps; MFU from '
+             'model.estimate_mfu (flops_per_token, bf16 dense peak); peak MB: whole step incl. weights and AdamW state.']
+    return columns, rows, notes
+
+
+def train_step_timing(kind, block, batch):
+    torch.manual_seed(seed)
+    model = GPT(gpt_config(kind, block)).to(device)
+    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if CUDA else 'cpu')
+    fn = compile_model(model)
+    idx = torch.randint(0, vocab_size, (batch, block + 1), device=device)
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+
+    def step():
+        with autocast():
+            _, loss = fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ms = time_steps(step, model_warmup, model_iters)
+    peak = peak_mb(step, absolute=True)
+    del opt
+    return ms, peak, model
+
+
+def kd_loss(s_logits, t_logits, targets, T, alpha):
+    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * CE, per token, in fp32."""
+    V = s_logits.size(-1)
+    s_logp = F.log_softmax(s_logits.float().view(-1, V) / T, dim=-1)
+    t_logp = F.log_softmax(t_logits.float().view(-1, V) / T, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    ce = F.cross_entropy(s_logits.float().view(-1, V), targets.view(-1), ignore_index=-1)
+    return alpha * T * T * kl + (1 - alpha) * ce
+
+
+def section_distill():
+    """kd-stage step: teacher forward (no_grad) + student fwd/bwd/AdamW on the KD loss."""
+    columns = ['block', 'batch', 'variant', 'ms/step', 'tokens/s', 'peak MB']
+    rows = []
+    block, batch = distill_block, max(1, distill_tokens // distill_block)
+    for spec in distill_variants:
+        opts = parse_variant(spec)
+        row = {'block': block, 'batch': batch, 'variant': spec}
+        why = triton_unavailable(opts, block)
+        if why:
+            row.update({c: why for c in columns if c not in row})
+            rows.append(row)
+            continue
+        try:
+            with hyena_settings(opts):
+                torch.manual_seed(seed)
+                teacher = GPT(gpt_config('teacher', block)).to(device).eval()
+                student = GPT(gpt_config('student', block)).to(device)
+                for p in teacher.parameters():
+                    p.requires_grad_(False)
+                opt = student.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if CUDA else 'cpu')
+                t_fn, s_fn = compile_model(teacher), compile_model(student)
+                idx = torch.randint(0, vocab_size, (batch, block + 1), device=device)
+                x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+
+                def step():
+                    with autocast():
+                        with torch.no_grad():
+                            t_logits, _ = t_fn(x, y)
+                        s_logits, _ = s_fn(x, y)
+                        loss = kd_loss(s_logits, t_logits, y, kd_temperature, kd_alpha)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                ms = time_steps(step, model_warmup, model_iters)
+                row.update({'ms/step': ms, 'tokens/s': batch * block / (ms / 1e3), 'peak MB': peak_mb(step, True)})
+                del teacher, student, opt
+        except Exception as e:
+            row.update({c: error_cell(e) for c in columns if c not in row})
+        rows.append(row)
+        free_memory()
+    notes = [f'teacher = GPT-2 124M shape (attention), student = all-Hyena of the same shape; loss = {kd_alpha} * '
+             f'T^2 * KL + {1 - kd_alpha} * CE at T={kd_temperature} on full logits; compile={compile and CUDA} '
+             f'({compile_scope}); tokens/s counts the student\'s training tokens.']
+    return columns, rows, notes
+
+
+def build_generator(kind, max_len):
+    torch.manual_seed(seed)
+    model = GPT(gpt_config(kind, max_len, pos_emb=(kind == 'teacher'))).to(device).eval()
+    if kind == 'recurrent':
+        try:
+            import recurrent
+        except ImportError as e:
+            if getattr(e, 'name', None) == 'recurrent':
+                return None, 'n/a: recurrent.py not found'
+            raise
+        import inspect
+        params = inspect.signature(recurrent.fit_model).parameters
+        extra = {k: v for k, v in (('length', min(gen_fit_length, max_len)), ('iters', gen_fit_iters)) if k in params}
+        t0 = time.time()
+        recurrent.fit_model(model, d_state=gen_d_state, **extra)
+        return model, time.time() - t0
+    return model, None
+
+
+def section_generate():
+    """tokens/s and memory of model.generate(idx, n, use_cache=True) after a prompt of each context."""
+    columns = ['model', 'context', 'batch', 'prefill ms', 'decode tokens/s', 'ms/token', 'peak MB', 'fit s']
+    rows = []
+    max_len = max(gen_contexts) + gen_new_tokens
+    for kind in gen_models:
+        try:
+            model, fit = build_generator(kind, max_len)
+        except Exception as e:
+            model, fit = None, error_cell(e)
+        for ctx in gen_contexts:
+            row = {'model': kind, 'context': ctx, 'batch': gen_batch}
+            if model is None:
+                row.update({c: fit for c in columns if c not in row})
+                rows.append(row)
+                continue
+            row['fit s'] = fit if fit is not None else '-'
+            try:
+                torch.manual_seed(seed)
+                idx = torch.randint(0, vocab_size, (gen_batch, ctx), device=device)
+                ac = autocast() if gen_autocast and CUDA else contextlib.nullcontext()
+
+                with ac:
+                    model.generate(idx[:, :8], 2, use_cache=True)  # warm-up: kernels, handles
+                stamps = []  # the end of every model call: the first is the prefill, then one per token
+
+                def stamp(*_):
+                    sync()
+                    stamps.append(time.perf_counter())
+                hook = model.register_forward_hook(stamp)
+                try:
+                    def gen():
+                        sync()
+                        stamps.append(time.perf_counter())
+                        with ac:
+                            out = model.generate(idx, gen_new_tokens, use_cache=True)
+                        sync()
+                        stamps.append(time.perf_counter())
+                        assert out.shape == (gen_batch, ctx + gen_new_tokens), tuple(out.shape)
+                    peak = peak_mb(gen)
+                finally:
+                    hook.remove()
+                if len(stamps) == gen_new_tokens + 2:  # start, prefill + one call per further token, end
+                    prefill_ms = (stamps[1] - stamps[0]) * 1e3
+                    decode_ms = (stamps[-2] - stamps[1]) * 1e3 / max(gen_new_tokens - 1, 1)
+                else:  # generate did not go through model.forward once per token: whole call, prefill included
+                    prefill_ms = 'n/a: not one forward per token'
+                    decode_ms = (stamps[-1] - stamps[0]) * 1e3 / gen_new_tokens
+                row.update({'prefill ms': prefill_ms, 'decode tokens/s': gen_batch / (decode_ms / 1e3),
+                            'ms/token': decode_ms, 'peak MB': peak})
+            except Exception as e:
+                row.update({c: error_cell(e) for c in columns if c not in row})
+            rows.append(row)
+            free_memory()
+        del model
+        free_memory()
+    notes = [f'random weights, GPT-2 124M shape, block_size {max_len} (teacher: learned positions; students: '
+             f'pos_emb=False); batch {gen_batch}; one call of generate(idx, {gen_new_tokens}), timed at the end of '
+             f'each model call (a forward hook that synchronizes): prefill ms = the prompt pass, ms/token = the '
+             f'{gen_new_tokens - 1} later calls with their sampling; tokens/s counts '
+             f'every sequence of the batch; peak MB: above the weights during generate(idx, {gen_new_tokens}); '
+             f'bf16 autocast={gen_autocast and CUDA}; recurrent: recurrent.fit_model(model, d_state={gen_d_state}, '
+             f'length={gen_fit_length}, iters={gen_fit_iters}) on random weights (decode speed does not depend on '
+             'the fit), fit s = its time.']
+    return columns, rows, notes
+
+
+SECTIONS = {'env': section_env, 'check': section_check, 'mixer': section_mixer, 'fftconv': section_fftconv,
+            'model': section_model, 'distill': section_distill, 'generate': section_generate}
+
+
+def main():
+    global CUDA
+    CUDA = device.startswith('cuda')
+    if CUDA and not torch.cuda.is_available():
+        raise SystemExit("bench.py: device='cuda' but CUDA is not available; pass --device=cpu (and --quick=True)")
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"bench.py: unknown sections {unknown}; valid: {list(SECTIONS)}")
+    torch.manual_seed(seed)
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        from torch import _dynamo
+        for name, value in (('cache_size_limit', 256), ('recompile_limit', 256),
+                            ('accumulated_cache_size_limit', 4096), ('accumulated_recompile_limit', 4096)):
+            if hasattr(_dynamo.config, name):
+                setattr(_dynamo.config, name, value)
+    except Exception:
+        pass
+    RESULTS['meta'] = {'config': {k: v for k, v in globals().get('config', {}).items()},
+                       'torch': torch.__version__, 'device': torch.cuda.get_device_name() if CUDA else 'cpu',
+                       'argv': sys.argv, 'started': datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    RESULTS['meta']['summary'] = f"device {RESULTS['meta']['device']}, torch {torch.__version__}, " \
+                                 f"{RESULTS['meta']['started'][:16]} UTC, command: python {' '.join(sys.argv)}"
+    for name in sections:
+        if (time.time() - START) / 60 > max_minutes:
+            RESULTS['sections'][name] = {'error': f'skipped: past max_minutes={max_minutes}', 'columns': [],
+                                         'rows': [], 'notes': []}
+            print(f'\n## {name}\nskipped: past max_minutes={max_minutes}', flush=True)
+            continue
+        t0 = time.time()
+        try:
+            columns, rows, notes = SECTIONS[name]()
+            sec = {'columns': columns, 'rows': rows, 'notes': notes}
+        except Exception as e:
+            traceback.print_exc()
+            sec = {'error': error_cell(e), 'columns': [], 'rows': [], 'notes': []}
+        sec['seconds'] = time.time() - t0
+        RESULTS['sections'][name] = sec
+        # the check section adds its operator table under its own name: keep the printed order
+        extra = RESULTS['sections'].pop('check (operator)', None) if name == 'check' else None
+        if extra is not None:
+            RESULTS['sections']['check (operator)'] = extra
+        save()
+        print(f"\n## {name} ({sec['seconds']:.0f} s)\n", flush=True)
+        if sec.get('error'):
+            print('section error:', sec['error'])
+        if sec['columns']:
+            print(md_table(sec['columns'], sec['rows']))
+        for note in sec['notes']:
+            print('-', note)
+        if extra is not None:
+            print('\n## check (operator)\n')
+            print(md_table(extra['columns'], extra['rows']))
+        sys.stdout.flush()
+    print(f"\nwrote {os.path.join(out_dir, 'bench.json')} and bench.md in {time.time() - START:.0f} s")
+
+
+if __name__ == '__main__':
+    main()

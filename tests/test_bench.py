@@ -1,0 +1,265 @@
+"""bench.py (CPU smoke run: every table complete, never a timing) and the fast paths it compares in hyena.py
+(each against the plain reference / an fp64 direct convolution)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import hyena  # noqa: E402
+from hyena import HyenaOperator, fft_size, fftconv, short_conv  # noqa: E402
+
+
+# ---- bench.py smoke run ---------------------------------------------------------------------------------------
+QUICK = dict(mixer_lengths=[64, 128], fftconv_lengths=[64, 96], check_lengths=[64, 100], model_blocks=[32, 64],
+             gen_contexts=[16, 32])
+EXPECTED_ROWS = {
+    'env': None,
+    'check': 5 * 2 * 2,  # impls x lengths x dtypes
+    'check (operator)': 4,
+    'mixer': 2,
+    'fftconv': 2 * 5,
+    'model': 2 * 4,
+    'distill': 2,
+    'generate': 3 * 2,
+}
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    proc = subprocess.run([sys.executable, 'bench.py', '--quick=True', '--device=cpu', f'--out_dir={out}'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / 'bench.json') as f:
+        results = json.load(f)
+    return results, proc.stdout, (out / 'bench.md').read_text()
+
+
+def test_bench_smoke_every_table_is_complete(smoke):
+    results, stdout, md = smoke
+    sections = results['sections']
+    assert list(sections) == list(EXPECTED_ROWS)
+    for name, sec in sections.items():
+        assert not sec.get('error'), (name, sec.get('error'))
+        assert sec['columns'] and sec['rows'], name
+        if EXPECTED_ROWS[name] is not None:
+            assert len(sec['rows']) == EXPECTED_ROWS[name], (name, len(sec['rows']))
+        for row in sec['rows']:
+            assert set(sec['columns']) <= set(row), (name, set(sec['columns']) - set(row))
+            for col in sec['columns']:
+                v = row[col]
+                if isinstance(v, str):
+                    assert v.strip(), (name, col)
+                    # on CPU only the recurrent model (another module) may fail; nothing else may
+                    if v.startswith('error') and not (name == 'generate' and row['model'] == 'recurrent'):
+                        pytest.fail(f'{name}: {col} = {v}')
+                else:
+                    assert isinstance(v, (int, float)) and math.isfinite(v), (name, col, v)
+        assert f'## {name}' in md and f'## {name}' in stdout
+
+
+def test_bench_smoke_rows_cover_the_configured_shapes(smoke):
+    results, _, _ = smoke
+    s = results['sections']
+    assert [r['L'] for r in s['mixer']['rows']] == QUICK['mixer_lengths']
+    assert sorted({r['L'] for r in s['fftconv']['rows']}) == QUICK['fftconv_lengths']
+    assert sorted({r['block'] for r in s['model']['rows']}) == QUICK['model_blocks']
+    assert sorted({r['context'] for r in s['generate']['rows']}) == QUICK['gen_contexts']
+    assert {r['model'] for r in s['generate']['rows']} == {'teacher', 'student', 'recurrent'}
+    # the fast paths that run on CPU pass their correctness check
+    for row in s['check']['rows']:
+        if row['impl'].startswith('fast'):
+            assert row['pass'] == 'yes', row
+    for row in s['mixer']['rows']:  # eager variants measured on CPU (times are numbers, never asserted on)
+        for v in ('attention', 'hyena-plain', 'hyena-fast'):
+            assert isinstance(row[f'ms {v}'], float)
+
+
+def test_parse_variant_and_kd_loss():
+    import bench
+    opts = bench.parse_variant('hyena-triton-bf16-pow2-compile')
+    assert (opts['kind'], opts['impl'], opts['dot'], opts['fft'], opts['compile']) == \
+        ('hyena', 'triton', 'bf16', 'pow2', True)
+    assert bench.parse_variant('hyena-plain')['short'] == 'conv1d'
+    with pytest.raises(ValueError):
+        bench.parse_variant('hyena-warp9')
+    logits = torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    # identical logits: KL = 0, so alpha = 1 gives 0 and alpha = 0 gives the cross-entropy
+    assert bench.kd_loss(logits, logits, targets, 2.0, 1.0).abs().item() < 1e-6
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 11), targets.view(-1))
+    assert torch.allclose(bench.kd_loss(logits, logits, targets, 2.0, 0.0), ce)
+    assert bench.kd_loss(logits, torch.randn(2, 5, 11), targets, 2.0, 1.0).item() > 0
+
+
+# ---- the fast paths in hyena.py against the reference ---------------------------------------------------------
+def direct_conv64(u, k, D):
+    """O(L^2) causal convolution in float64, differentiable (the yardstick)."""
+    u, k = u.double(), k.double()
+    L = u.shape[-1]
+    cols = [u * (D.double().unsqueeze(-1) if D is not None else 0)]
+    y = cols[0]
+    for s in range(k.shape[-1]):
+        y = y + nn.functional.pad(u[..., :L - s] * k[..., s:s + 1], (s, 0))
+    return y
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def grads_of(fn, u, k, D, g):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (u, k, D)]
+    y = fn(*leaves)
+    y.backward(g.to(y.dtype))
+    return [y] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize('shape,Lk,with_D', [((2, 3, 1), 1, True), ((2, 3, 7), 3, True), ((3, 4, 100), 100, False),
+                                             ((2, 5, 257), 130, True), ((4, 37), 37, True), ((2, 2, 3, 50), 50, True)])
+def test_fast_fftconv_values_and_gradients_match_fp64(shape, Lk, with_D):
+    C = shape[-2]
+    u, k, g = torch.randn(shape), torch.randn(C, Lk), torch.randn(shape)
+    D = torch.randn(C) if with_D else None
+    ref = grads_of(direct_conv64, u.double(), k.double(), D.double() if with_D else None, g.double())
+    fast = grads_of(lambda *a: fftconv(*a, impl='fast'), u, k, D, g)
+    for a, b in zip(fast, ref):
+        assert a.shape == b.shape
+        assert rel(a, b) < 1e-5
+
+
+def test_fast_fftconv_dtypes_and_autocast():
+    u, k, D = torch.randn(2, 3, 100), torch.randn(3, 100), torch.randn(3)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = fftconv(u.bfloat16().requires_grad_(), k.requires_grad_(), D, impl='fast')
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert k.grad.dtype == torch.float32
+    assert rel(y, fftconv(u, k, D, impl='plain')) < 2e-2
+
+
+def test_fft_size_modes():
+    assert fft_size(2049, mode='pow2') == 4096 and fft_size(2049) < 4096
+    for n in (1, 2, 3, 1000, 2047):
+        assert fft_size(n, 'pow2') >= n and fft_size(n, 'pow2') & (fft_size(n, 'pow2') - 1) == 0
+    assert fft_size(2047, 'pow2') == fft_size(2047, 'smooth') == 2048
+    with pytest.raises(ValueError):
+        fft_size(10, 'prime')
+
+
+def test_fftconv_rejects_unknown_impl():
+    with pytest.raises(ValueError):
+        fftconv(torch.randn(1, 2, 8), torch.randn(2, 8), impl='magic')
+
+
+@pytest.mark.parametrize('K', [1, 3, 4])
+def test_short_conv_shift_equals_conv1d(K, monkeypatch):
+    conv = nn.Conv1d(12, 12, K, groups=12, padding=K - 1)
+    z = torch.randn(2, 9, 12)
+    monkeypatch.setattr(hyena, 'SHORT_CONV', 'conv1d')
+    ref = short_conv(z, conv)
+    monkeypatch.setattr(hyena, 'SHORT_CONV', 'shift')
+    out = short_conv(z, conv)
+    assert out.shape == ref.shape == (2, 12, 9)
+    assert rel(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize('order', [2, 3])
+def test_operator_fast_settings_match_the_plain_operator(order, monkeypatch):
+    torch.manual_seed(0)
+    op = HyenaOperator(16, l_max=50, order=order)
+    x, gy = torch.randn(2, 50, 16), torch.randn(2, 50, 16)
+
+    def run(impl, short):
+        monkeypatch.setattr(hyena, 'FFTCONV_IMPL', impl)
+        monkeypatch.setattr(hyena, 'SHORT_CONV', short)
+        op.zero_grad()
+        xx = x.clone().requires_grad_()
+        op(xx).backward(gy)
+        return [xx.grad] + [p.grad.clone() for p in op.parameters()]
+    ref = run('plain', 'conv1d')
+    for short in ('conv1d', 'shift'):
+        for a, b in zip(run('fast', short), ref):
+            assert rel(a, b) < 1e-5
+
+
+TRITON_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    sys.path.insert(0, REPO)
+    import hyena
+    from hyena import fftconv, HyenaOperator
+    assert hyena._TRITON_INTERPRET and hyena.triton is not None
+    torch.manual_seed(0)
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    def grads(impl, u, k, D, g):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (u, k, D)]
+        y = fftconv(*leaves, impl=impl)
+        y.backward(g)
+        return [y] + [t.grad for t in leaves if t is not None]
+    hyena.TRITON_DOT = 'ieee'
+    hyena._TRITON_POISON = True  # every output element must be written
+    worst = 0.0
+    # rows go through the FFT in pairs: odd batches and odd rows per program leave a row without a partner
+    for (B, C, L, Lk, withD, dtype, rows) in [(3, 2, 1, 1, True, torch.float32, 2),
+                                              (3, 2, 100, 37, False, torch.float32, 2),
+                                              (5, 2, 300, 300, True, torch.float32, 3),
+                                              (1, 2, 40, 20, True, torch.float32, 0),
+                                              (2, 3, 700, 700, True, torch.bfloat16, 0)]:
+        hyena.TRITON_ROWS = rows
+        u, k, g = torch.randn(B, C, L).to(dtype), torch.randn(C, Lk), torch.randn(B, C, L).to(dtype)
+        D = torch.randn(C) if withD else None
+        assert hyena._triton_applies(u, k, D)
+        ref = grads('plain', u.double(), k.double(), D.double() if withD else None, g.double())
+        out = grads('triton', u, k, D, g)
+        for a, b in zip(out, ref):
+            assert torch.isfinite(a).all()
+            if dtype == torch.float32:
+                worst = max(worst, rel(a, b))
+            else:  # bf16 outputs carry their own rounding
+                assert rel(a, b) < 1e-2, rel(a, b)
+        assert out[0].dtype == out[1].dtype == dtype
+    assert worst < 1e-5, worst
+    hyena.FFTCONV_IMPL = 'plain'
+    op = HyenaOperator(16, l_max=64)
+    x = torch.randn(2, 64, 16, requires_grad=True)
+    op(x).square().sum().backward()
+    ref = [x.grad.clone()] + [p.grad.clone() for p in op.parameters()]
+    hyena.FFTCONV_IMPL = 'triton'
+    op.zero_grad(); x.grad = None
+    op(x).square().sum().backward()
+    out = [x.grad] + [p.grad for p in op.parameters()]
+    assert max(rel(a, b) for a, b in zip(out, ref)) < 1e-5
+    print('TRITON_OK', worst)
+''')
+
+
+def test_triton_fftconv_in_the_interpreter_matches_the_reference():
+    """The Triton kernels (forward, grad u, grad k / grad D) run on CPU through Triton's interpreter."""
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    proc = subprocess.run([sys.executable, '-c', f'REPO = {REPO!r}\n' + TRITON_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and 'TRITON_OK' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_triton_path_falls_back_where_it_does_not_apply():
+    # CPU tensors without the interpreter, or no triton at all: impl 'triton' is the 'fast' path
+    u, k, D = torch.randn(2, 3, 50), torch.randn(3, 50), torch.randn(3)
+    if not hyena._TRITON_INTERPRET:
+        assert not hyena._triton_applies(u, k, D)
+    assert rel(fftconv(u, k, D, impl='triton'), fftconv(u, k, D, impl='plain')) < 1e-5
+    assert hyena._mfft_plan(1) == (512, 32, 16)
+    N, N1, N2 = hyena._mfft_plan(1024)
+    assert (N, N1, N2) == (2048, 64, 32) and N >= 2 * 1024
