@@ -170,7 +170,7 @@ def save(reason):
 
 # ---- training loop
 stop = T.StopFlag()
-bar = T.Progress(max_iters, initial=iter_num, enabled=master and not eval_only)
+bar = T.Progress(max_iters, initial=iter_num, enabled=master, show_bar=not eval_only)
 X, Y = data.get_batch('train', iter_num * accum)
 t0, local_iter, running_mfu, tok_rate = time.time(), 0, None, None
 while True:
@@ -226,6 +226,8 @@ while True:
                    f"--skip_nonfinite=True to skip such steps")
         bar.write(f"iter {iter_num}: {what}; skipping this step (skip_nonfinite=True)")
         logger.log(iter=iter_num, skipped=True, lr=lr)
+        if prec.scaler.is_enabled():  # float16: back off the loss scale, and reset the scaler for the next step
+            prec.scaler.update(prec.scaler.get_scale() * prec.scaler.get_backoff_factor())
     else:
         prec.scaler.step(optimizer)
         prec.scaler.update()

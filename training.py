@@ -133,6 +133,7 @@ def barrier(dist):
 
 
 def _all_reduce(values, dist, op):
+    """All-reduce a list of numbers across the DDP ranks (float64 on this rank's device); returns a list."""
     t = torch.tensor(values, dtype=torch.float64, device=dist.device)
     torch.distributed.all_reduce(t, op=op)
     return t.tolist()
@@ -233,6 +234,7 @@ def seed_step(seed, rank, iter_num):
 
 
 def _mix(*ints):
+    """A well-mixed 63-bit seed from a tuple of ints."""
     return int(np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(1, np.uint64)[0]
                >> 1)
 
@@ -269,6 +271,7 @@ def _bin_tokens(path, block_size, vocab_size, missing_hint):
 
 
 def _vocab_message(path, top, vocab_size):
+    """The one-line error for an id beyond the vocabulary."""
     return (f"{path} holds token id {top} >= vocab_size {vocab_size}: the data was tokenized for a larger "
             f"vocabulary than the model's; raise vocab_size or re-run the prepare script")
 
@@ -301,7 +304,8 @@ class TokenData:
         self.check_batches = vocab_size is not None and max(self.sizes.values()) > FULL_SCAN_TOKENS
 
     def get_batch(self, split, index, stream=TRAIN_STREAM):
-        """(X, Y) int64 tensors of shape (batch_size, block_size) on the device; Y is X shifted by one."""
+        """Batch number `index` of split ('train' | 'val') in stream (TRAIN_STREAM | EVAL_STREAM):
+        (X, Y) int64 tensors of shape (batch_size, block_size) on the device; Y is X shifted by one."""
         rng = np.random.default_rng([self.seed, self.rank, _SPLIT_IDS[split], stream, int(index)])
         starts = rng.integers(0, self.sizes[split] - self.block_size, size=self.batch_size)
         data = np.memmap(self.paths[split], dtype=np.uint16, mode='r')  # re-opened per batch: no RAM growth
@@ -466,6 +470,7 @@ class StopFlag:
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
+        """The signal handler: remember the first signal; a second SIGINT aborts."""
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -485,13 +490,16 @@ class StopFlag:
 
     @property
     def exit_code(self):
+        """128 + the signal number: 143 for SIGTERM, 130 for SIGINT."""
         return 128 + (self.signum or 0)
 
     @property
     def name(self):
+        """'SIGTERM' / 'SIGINT' once a signal arrived, else ''."""
         return signal.Signals(self.signum).name if self.signum else ''
 
     def restore(self):
+        """Put back the handlers that were installed before."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
@@ -507,26 +515,30 @@ def human(n):
 
 
 class Progress:
-    """A tqdm bar over iterations (on the master rank only) showing loss, lr, tokens/s and MFU
-    ('MFU n/a' when the device's peak is unknown). Use write() for lines that must not break the bar."""
+    """A tqdm bar over iterations showing loss, lr, tokens/s and MFU ('MFU n/a' when the device's peak is
+    unknown). enabled=False (non-master ranks) silences everything; show_bar=False keeps write() but
+    hides the bar (e.g. eval_only). Use write() for lines that must not break the bar."""
 
-    def __init__(self, total, initial=0, enabled=True, desc='train'):
+    def __init__(self, total, initial=0, enabled=True, show_bar=True, desc='train'):
         from tqdm import tqdm
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit='it',
-                        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, disable=not (enabled and show_bar), desc=desc, unit='it',
+                        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
     def update(self, loss, lr, tokens_per_sec, mfu=None):
+        """Advance one iteration and show its numbers."""
         mfu_text = 'MFU n/a' if mfu is None else f"MFU {100 * mfu:.1f}%"
         self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {human(tokens_per_sec)} tok/s {mfu_text}",
                                  refresh=False)
         self.bar.update(1)
 
     def write(self, message):
+        """Print a line (stdout) above the bar."""
         if self.enabled:
-            self.bar.write(message)
+            self.bar.write(message, file=sys.stdout)
 
     def close(self):
+        """Close the bar (idempotent)."""
         self.bar.close()
 
 
@@ -540,6 +552,7 @@ class JsonlLogger:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def log(self, **fields):
+        """Append one record (a 'time' field is added)."""
         if not self.enabled:
             return
         fields.setdefault('time', round(time.time(), 3))

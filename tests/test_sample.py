@@ -27,8 +27,3 @@ def test_prompt_from_a_file_and_a_checkpoint_path(reference_run, tmp_path):
 def test_prompt_outside_the_models_vocabulary_is_a_one_line_error(reference_run):
     proc = run_script('sample.py', f'--out_dir={reference_run}', '--start=hello world', '--max_new_tokens=5')
     assert_one_line_error(proc, "beyond this model's vocabulary of 64")
-
-
-def test_missing_checkpoint_is_a_one_line_error(tmp_path):
-    proc = run_script('sample.py', f'--out_dir={tmp_path}')
-    assert_one_line_error(proc, f"checkpoint {tmp_path}/ckpt.pt not found")
