@@ -154,3 +154,20 @@ def write_meta(out_dir, config, source, splits, **extra):
     with open(path + '.tmp', 'w') as f:
         json.dump(meta, f, indent=1)
     os.replace(path + '.tmp', path)
+
+
+def prepare_files(root, names, out_dir, config, source, encode=encode_file, num_proc=1, val_fraction=0.03,
+                  max_files=0):
+    """The whole job of a prepare script over files: names (sorted, relative to root) -> the first max_files
+    (0: all) -> a train/val split by file -> tokenized train.bin / val.bin and meta.json in out_dir."""
+    if max_files:
+        names = names[:max_files]
+    train_names, val_names = split_by_file(names, val_fraction)
+    os.makedirs(out_dir, exist_ok=True)
+    splits = {}
+    for split, split_names in (('train', train_names), ('val', val_names)):
+        paths = [os.path.join(root, name) for name in split_names]
+        ids = tokenize(encode, paths, num_proc, desc=f'tokenizing {split}', unit='file')
+        splits[split] = {'files': len(split_names), **write_split(out_dir, split, ids)}
+    write_meta(out_dir, config, source=source, splits=splits, root=root,
+               files={'train': train_names, 'val': val_names})

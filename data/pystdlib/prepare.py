@@ -21,7 +21,7 @@ import sysconfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 from configurator import configure
-from data.prepare_utils import encode_file, split_by_file, tokenize, write_meta, write_split
+from data.prepare_utils import prepare_files
 
 # -----------------------------------------------------------------------------
 val_fraction = 0.03  # of files: ~55 files, ~0.7M tokens on Python 3.11; plenty for a steady val loss
@@ -39,15 +39,5 @@ if __name__ == '__main__':  # the guard keeps worker processes (spawned on macOS
         names += [os.path.relpath(os.path.join(dirpath, f), stdlib).replace(os.sep, '/')
                   for f in filenames if f.endswith('.py')]
     names.sort()  # os.walk's order depends on the file system; sorted names make every run identical
-    if max_files:
-        names = names[:max_files]
-    train_names, val_names = split_by_file(names, val_fraction)
-
-    os.makedirs(out_dir, exist_ok=True)
-    splits = {}
-    for split, split_names in (('train', train_names), ('val', val_names)):
-        paths = [os.path.join(stdlib, name) for name in split_names]
-        ids = tokenize(encode_file, paths, num_proc, desc=f'tokenizing {split}', unit='file')
-        splits[split] = {'files': len(split_names), **write_split(out_dir, split, ids)}
-    write_meta(out_dir, config, source=f"Python {sys.version.split()[0]} standard library, *.py under {stdlib}",
-               splits=splits, root=stdlib, files={'train': train_names, 'val': val_names})
+    prepare_files(stdlib, names, out_dir, config, f"Python {sys.version.split()[0]} standard library, *.py under {stdlib}",
+                  num_proc=num_proc, val_fraction=val_fraction, max_files=max_files)

@@ -25,7 +25,7 @@ from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 from configurator import configure
-from data.prepare_utils import encode_file, split_by_file, tokenize, write_meta, write_split
+from data.prepare_utils import encode_file, prepare_files
 
 # -----------------------------------------------------------------------------
 input = ''  # a folder, a glob, or comma-separated globs
@@ -61,16 +61,5 @@ if __name__ == '__main__':  # the guard keeps worker processes (spawned on macOS
     if root in found:  # a single file
         root = os.path.dirname(root)
     names = sorted(os.path.relpath(p, root).replace(os.sep, '/') for p in found)
-    if max_files:
-        names = names[:max_files]
-    train_names, val_names = split_by_file(names, val_fraction)
-
-    os.makedirs(out_dir, exist_ok=True)
-    splits = {}
-    for split, split_names in (('train', train_names), ('val', val_names)):
-        paths = [os.path.join(root, name) for name in split_names]
-        ids = tokenize(partial(encode_file, jsonl_field=jsonl_field), paths, num_proc, desc=f'tokenizing {split}',
-                       unit='file')
-        splits[split] = {'files': len(split_names), **write_split(out_dir, split, ids)}
-    write_meta(out_dir, config, source=f"text files: {input}", splits=splits, root=root,
-               files={'train': train_names, 'val': val_names})
+    prepare_files(root, names, out_dir, config, f"text files: {input}", partial(encode_file, jsonl_field=jsonl_field),
+                  num_proc=num_proc, val_fraction=val_fraction, max_files=max_files)
