@@ -126,6 +126,8 @@ stage_iters = {'align': align_iters, 'kd': kd_iters,
 STAGES = [s for s in ('align', 'kd', 'scratch') if stage_iters[s] > 0]
 if not STAGES:
     T.fail("every stage has 0 iterations: set align_iters, kd_iters or scratch_iters")
+
+
 def stage_rank(name):
     return STAGES.index(name) if name in STAGES else len(STAGES)  # 'done' comes after every stage
 

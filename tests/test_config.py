@@ -88,3 +88,9 @@ def test_shipped_training_configs_name_only_train_teacher_keys(path):
 def test_train_teacher_hyena_layers_accepts_a_list_a_string_or_all():
     for value, expected in (('[0, 2]', [0, 2]), ('all', 'all'), ("'0,2'", '0,2'), ("''", '')):
         assert configure(script_defaults('train_teacher.py'), [f'--hyena_layers={value}'])['hyena_layers'] == expected
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'config', 'distill_*.py'))))
+def test_shipped_distill_configs_name_only_distill_keys(path):
+    config = configure(script_defaults('distill.py'), [path])
+    assert config['kd_iters'] > 0 and config['align_mode'] in ('progressive', 'parallel')

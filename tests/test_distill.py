@@ -158,3 +158,15 @@ def test_resume_mid_stage_reproduces_the_uninterrupted_losses(setup, tmp_path):
     after = [(it, loss) for it, loss in got if it > stopped_at]
     assert len(after) == 200 - stopped_at
     assert all(loss == expected[it] for it, loss in after)
+
+
+def test_resume_with_a_different_teacher_is_a_clear_error(setup, full_run, tmp_path):
+    other = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=16))
+    torch.save({'model': other.state_dict(), 'model_args': dataclasses.asdict(other.config)}, tmp_path / 'other.pt')
+    before = (full_run / 'ckpt.pt').read_bytes()
+    cmd = [sys.executable, os.path.join(ROOT, 'distill.py'), f'--data_dir={setup[0]}', f'--teacher={tmp_path / "other.pt"}',
+           f'--out_dir={full_run}', '--init_from=resume', '--compile=False']
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'differ in n_embd (16 vs 32)' in result.stderr
+    assert (full_run / 'ckpt.pt').read_bytes() == before  # nothing lost
