@@ -16,13 +16,13 @@ bias = False
 
 batch_size = 16
 gradient_accumulation_steps = 1
-max_iters = 160  # 160 x 2,048 = 328K tokens; ~1.2 s/iteration on 2 idle Xeon cores: ~4 minutes in all
-lr_decay_iters = 160
+max_iters = 120  # 120 x 2,048 = 246K tokens; ~1.2-2 s/iteration on 2 idle cores: 3-4 minutes in all
+lr_decay_iters = 120
 warmup_iters = 10
 learning_rate = 2e-3  # a small model on a short run takes a high rate
 min_lr = 2e-4
 weight_decay = 0.1
 
-eval_interval = 80  # evaluations at 0, 80 and 160
+eval_interval = 60  # evaluations at 0, 60 and 120
 eval_iters = 8
 log_interval = 1
