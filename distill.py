@@ -281,7 +281,8 @@ def write_report():
         final = last(run)
         if final is not None:
             model = student if run == 'distilled' else scratch
-            rows.append(dict(model=f"{name} (layers {layers} Hyena)", params=model.get_num_params(),
+            mixers = 'all layers' if len(layers) == model.config.n_layer else f"layers {layers}"
+            rows.append(dict(model=f"{name} ({mixers} Hyena)", params=model.get_num_params(),
                              tokens=final['tokens'] if run == 'scratch' else student_tokens,
                              val_loss=final['val_loss'], tokens_per_sec=throughput.get(stage_name)))
     for r in rows:
