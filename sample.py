@@ -6,6 +6,11 @@ its model_args), or GPT-2 weights by name or from a local Hugging Face folder.
     python sample.py --init_from=out-distill/ckpt.pt --start="def main(" --max_new_tokens=200
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt   # needs network (or a local folder)
     python sample.py --init_from=/path/to/hf_gpt2_folder --num_samples=1 --temperature=0.7
+    python sample.py --init_from=out-distill/ckpt_recurrent.pt  # a student fitted by recurrent.py
+
+Decoding follows the checkpoint: a teacher uses its KV cache, a Hyena student its cache (the FFT prefill,
+then O(L * d) per token), a recurrent checkpoint its modal state (constant memory per token); use_cache=False
+re-runs the whole context for every token.
 
 Config: the keys below, config files and --key=value (configurator.py). The prompt uses the GPT-2 BPE
 (tokenizer.get_encoding()); <|endoftext|> may appear in it.
@@ -30,7 +35,6 @@ seed = 1337
 device = 'auto'
 dtype = 'auto'
 use_cache = True  # KV cache (attention) / Hyena cache; False re-runs the whole context per token
-# (decode_mode, Hyena's recurrent constant-memory decoding, will be a key here)
 # -----------------------------------------------------------------------------
 config = configure(globals())
 

@@ -423,9 +423,13 @@ def load_checkpoint(path, map_location='cpu', required=('model', 'model_args')):
 
 
 def model_from_checkpoint(ckpt):
-    """Rebuild the GPT (teacher, student or hybrid) that a checkpoint describes and load its weights."""
+    """Rebuild the GPT (teacher, student or hybrid) that a checkpoint describes and load its weights. A
+    recurrent checkpoint (recurrent.py: Hyena filters fitted in modal form) comes back decoding recurrently."""
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(**ckpt['model_args']))
+    if ckpt.get('modal'):
+        from recurrent import attach_empty
+        attach_empty(model, int(ckpt['modal']['d_state']))
     model.load_state_dict(ckpt['model'])
     return model
 
