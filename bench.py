@@ -14,7 +14,7 @@ Variants are strings, so one call compares them all:
   mixer_variants / fftconv_variants: 'attention' or 'hyena' followed by options joined with '-':
     plain | fast | triton    fftconv implementation (hyena.FFTCONV_IMPL); 'plain' also means cuDNN short conv
     pow2 | smooth            FFT sizes (hyena.FFT_SIZE)
-    tf32 | bf16 | ieee       operand precision of the Triton kernel's matmuls (hyena.TRITON_DOT)
+    tf32 | bf16 | ieee       operand precision of the Triton kernel's matmuls (fftconv_triton.TRITON_DOT)
     conv1d | shift           short conv (hyena.SHORT_CONV; default: shift when compiled, conv1d in eager)
     compile                  torch.compile(dynamic=False) the module (CUDA only)
     e.g. 'hyena-triton-bf16-compile'. fftconv_variants take the same options without the leading kind.
@@ -33,6 +33,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+import fftconv_triton
 import hyena
 from model import GPT, CausalSelfAttention, GPTConfig
 
@@ -53,9 +54,9 @@ n_head = 12
 n_embd = 768
 vocab_size = 50304
 # speed knobs of hyena.py that are not per-variant
-triton_max_n = 4096  # hyena.TRITON_MAX_N: largest FFT size the Triton kernel takes (L <= triton_max_n / 2)
-triton_num_warps = 0  # hyena.TRITON_NUM_WARPS (0: by size)
-triton_rows = 0  # hyena.TRITON_ROWS (0: auto)
+triton_max_n = 4096  # fftconv_triton.TRITON_MAX_N: largest FFT size the Triton kernel takes (L <= triton_max_n / 2)
+triton_num_warps = 0  # fftconv_triton.TRITON_NUM_WARPS (0: by size)
+triton_rows = 0  # fftconv_triton.TRITON_ROWS (0: auto)
 # check: CUDA correctness of every fast path against an fp64 reference, compiled against eager under bf16
 check_lengths = [1000, 2048, 16384]
 check_batch = 4
@@ -258,29 +259,32 @@ def parse_variant(spec):
 
 @contextlib.contextmanager
 def hyena_settings(opts):
-    new = dict(FFTCONV_IMPL=opts['impl'], FFT_SIZE=opts['fft'], TRITON_DOT=opts['dot'], SHORT_CONV=opts['short'],
-               TRITON_MAX_N=triton_max_n, TRITON_NUM_WARPS=triton_num_warps, TRITON_ROWS=triton_rows)
-    old = {k: getattr(hyena, k) for k in new}
-    for k, v in new.items():
-        setattr(hyena, k, v)
+    new = {hyena: dict(FFTCONV_IMPL=opts['impl'], FFT_SIZE=opts['fft'], SHORT_CONV=opts['short']),
+           fftconv_triton: dict(TRITON_DOT=opts['dot'], TRITON_MAX_N=triton_max_n, TRITON_NUM_WARPS=triton_num_warps,
+                                TRITON_ROWS=triton_rows)}
+    old = {module: {k: getattr(module, k) for k in values} for module, values in new.items()}
+    for module, values in new.items():
+        for k, v in values.items():
+            setattr(module, k, v)
     try:
         yield
     finally:
-        for k, v in old.items():
-            setattr(hyena, k, v)
+        for module, values in old.items():
+            for k, v in values.items():
+                setattr(module, k, v)
 
 
 def triton_unavailable(opts, L):
     """Why the Triton kernel would not run for length L (fftconv would fall back to 'fast'), or None."""
     if opts['impl'] != 'triton':
         return None
-    if hyena.triton is None:
+    if fftconv_triton.triton is None:
         return 'n/a: triton not installed'
-    if not (CUDA or hyena._TRITON_INTERPRET):
+    if not (CUDA or fftconv_triton._TRITON_INTERPRET):
         return 'n/a: triton needs CUDA'
     if not CUDA and opts['dot'] == 'bf16':
         return 'n/a: the Triton interpreter cannot do bf16 dots'
-    if hyena._mfft_plan(L)[0] > triton_max_n:
+    if fftconv_triton._mfft_plan(L)[0] > triton_max_n:
         return f'n/a: L > triton_max_n/2 ({triton_max_n // 2})'
     return None
 
@@ -432,7 +436,7 @@ def section_check():
                     ref = reference_fftconv64(*leaves64)
                     ref.backward(g.double())
                     leaves = [t.clone().requires_grad_() for t in (u, k, D)]
-                    hyena._TRITON_POISON = True
+                    fftconv_triton._TRITON_POISON = True
                     with hyena_settings(opts):
                         y = hyena.fftconv(*leaves)
                         y.backward(g)
@@ -445,7 +449,7 @@ def section_check():
                 except Exception as e:
                     row.update({c: error_cell(e) for c in columns[3:] if c not in row})
                 finally:
-                    hyena._TRITON_POISON = False
+                    fftconv_triton._TRITON_POISON = False
                 rows.append(row)
     fft_rows = rows
     rows = []

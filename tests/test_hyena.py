@@ -73,13 +73,14 @@ def assert_causal(fn, x, t):
     x2 = x.clone()
     x2[:, t:] = torch.randn_like(x2[:, t:]) * 10
     y2 = fn(x2)
-    scale = y.abs().max()
+    scale = torch.maximum(y.abs().max(), y2.abs().max())  # FFT rounding spreads in proportion to the largest value
     assert ((y[:, :t] - y2[:, :t]).abs().max() / scale) < 1e-5
     assert ((y[:, t:] - y2[:, t:]).abs().max() / scale) > 1e-3  # the later outputs did change
 
 
 @pytest.mark.parametrize('order', [2, 3])
 def test_operator_is_causal(order):
+    torch.manual_seed(order)
     op = HyenaOperator(16, l_max=64, order=order)
     assert_causal(op, torch.randn(2, 64, 16), t=37)
 
