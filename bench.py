@@ -144,6 +144,20 @@ def free_memory():
 _DO_BENCH = None
 
 
+def time_once(fn):
+    """Milliseconds of one fn() call: CUDA events around it on the GPU, the host clock on the CPU."""
+    if not CUDA:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def bench_ms(fn, grad_to_none=None):
     """Median milliseconds of fn(): triton.testing.do_bench on CUDA when it imports (warm-up and repeats in
     ms, L2 flushed between runs), else CUDA events around each run (or the host clock on CPU)."""
@@ -177,17 +191,7 @@ def bench_ms(fn, grad_to_none=None):
     times = []
     for _ in range(max(3, min(1000, int(rep_ms / est)))):
         clear()
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(time_once(fn))
     return statistics.median(times)
 
 
@@ -198,17 +202,7 @@ def time_steps(fn, warmup, iters):
     sync()
     times = []
     for _ in range(iters):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(time_once(fn))
     return statistics.median(times)
 
 

@@ -1,4 +1,4 @@
-# The embedded demo's distillation (CPU, ~7 minutes on 2 cores): the teacher of
+# The embedded demo's distillation (CPU, ~3 minutes on 2 cores): the teacher of
 # config/train_teacher_pystdlib_cpu.py -> an all-Hyena student, progressive align then KD, and the
 # same student trained from scratch on the same tokens; report in out_dir/report.md.
 #   python distill.py config/distill_pystdlib_cpu.py
