@@ -35,8 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import training as T
 from configurator import configure
-from hyena import HyenaOperator
-from model import GPT, GPTConfig, peak_flops
+from model import GPT, GPTConfig, make_mixer, peak_flops
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-distill'
@@ -142,11 +141,10 @@ def replace_with_hyena(student, i):
     """Swap block i's attention for a Hyena operator; seed its projections from that attention."""
     cfg = student.config
     attn = student.transformer.h[i].mixer
+    cfg.hyena_layers = sorted(set(cfg.hyena_layers) | {i})
     with torch.random.fork_rng(devices=[]):  # the same init on every rank, resumed or not
         torch.manual_seed(seed + 1000 * (i + 1))
-        op = HyenaOperator(cfg.n_embd, cfg.block_size, order=cfg.hyena_order, filter_order=cfg.hyena_filter_order,
-                           short_filter_order=cfg.hyena_short_filter_order, dropout=cfg.dropout,
-                           emb_dim=cfg.hyena_emb_dim, filter_freq=cfg.hyena_filter_freq, bias=cfg.bias)
+        op = make_mixer(cfg, i)
     if seed_from_attention:
         D, N = cfg.n_embd, cfg.hyena_order
         with torch.no_grad():  # streams x0, x1 .. x_{N-1}, v  <-  q, k, (fresh), v
@@ -159,7 +157,6 @@ def replace_with_hyena(student, i):
             op.short_filter.weight[..., -1] = 1.0  # the current position only: x0, x1, v start as q, k, v
             op.short_filter.bias.zero_()
     student.transformer.h[i].mixer = op.to(attn.c_attn.weight.device)
-    cfg.hyena_layers = sorted(set(cfg.hyena_layers) | {i})
 
 
 def new_student():
