@@ -13,6 +13,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -324,15 +325,19 @@ def _read_hf_folder(folder):
     raise SystemExit(f"from_pretrained: {folder} holds neither model.safetensors nor pytorch_model.bin")
 
 
-def hub_reachable(host='huggingface.co', timeout=3.0):
-    """A quick, bounded check, so an offline machine fails in seconds instead of hanging on retries."""
-    if os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '') or os.environ.get('TRANSFORMERS_OFFLINE', '0') not in ('0', ''):
-        return False
+def hub_offline_reason(env_vars=('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'), timeout=3.0):
+    """Why the Hugging Face hub cannot be used right now, or None: one of env_vars is set, or no TCP connection
+    to HF_ENDPOINT (default huggingface.co) within timeout seconds. A quick, bounded check, so an offline
+    machine fails in seconds instead of hanging on the hub client's retries."""
+    for var in env_vars:
+        if os.environ.get(var, '').upper() in ('1', 'ON', 'YES', 'TRUE'):
+            return f"{var} is set"
+    hub = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        socket.create_connection((hub.hostname, hub.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"cannot reach {hub.hostname} ({e})"
+    return None
 
 
 def _download_hf(name):
@@ -341,8 +346,9 @@ def _download_hf(name):
     except ImportError:
         raise SystemExit(f"from_pretrained('{name}') needs `pip install transformers`; "
                          f"or pass a local folder holding a Hugging Face GPT-2 checkpoint")
-    if not hub_reachable():
-        raise SystemExit(f"from_pretrained('{name}'): the Hugging Face hub is not reachable; download the model "
-                         f"elsewhere (save_pretrained) and pass its local folder instead")
+    reason = hub_offline_reason()
+    if reason:
+        raise SystemExit(f"from_pretrained('{name}'): the Hugging Face hub is not usable ({reason}); download the "
+                         f"model elsewhere (save_pretrained) and pass its local folder instead")
     hf = GPT2LMHeadModel.from_pretrained(name)
     return hf.config.to_dict(), hf.state_dict()

@@ -17,9 +17,7 @@ network: python data/pystdlib/prepare.py (the embedded one) and python data/text
 """
 import importlib.util
 import os
-import socket
 import sys
-from urllib.parse import urlparse
 
 import numpy as np
 from tqdm import tqdm
@@ -47,15 +45,8 @@ def why_offline():
         return "`datasets` is not installed (pip install datasets)"
     if os.path.isdir(dataset):
         return None  # a local copy needs no network
-    for var in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'):
-        if os.environ.get(var, '').upper() in ('1', 'ON', 'YES', 'TRUE'):
-            return f"{var} is set"
-    hub = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
-    try:
-        socket.create_connection((hub.hostname, hub.port or 443), timeout=connect_timeout).close()
-    except OSError as e:
-        return f"cannot reach {hub.hostname} ({e})"
-    return None
+    from model import hub_offline_reason  # here, not at the top: torch is imported only when it is needed
+    return hub_offline_reason(('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'), connect_timeout)
 
 
 if __name__ == '__main__':  # the guard keeps worker processes (spawned on macOS/Windows) from re-running the script
