@@ -1,12 +1,13 @@
 """
 Speed benchmarks: the teacher (GPT-2 124M shape) against the all-Hyena student, at the mixer, the
-long convolution, the training step, the distillation step and generation (issue 5; issue 6 item 3).
+long convolution, the training step (and the kernels it spends its time in), the distillation step and
+generation (issue 5; issue 6 item 3).
 Every section runs in its own try/except: a failure becomes an 'error: ...' cell, never a crash.
 Results: markdown tables on stdout and in out_dir/bench.md, everything in out_dir/bench.json
 (rewritten after each section, so a run cut short still leaves what it measured).
 
     python bench.py                                   # all sections on the GPU (~5-6 min on one H200)
-    python bench.py --sections="['mixer','fftconv']"  # a subset: env check mixer fftconv model distill generate
+    python bench.py --sections="['mixer','fftconv']"  # a subset: env check mixer fftconv model profile distill generate
     python bench.py --quick=True --device=cpu         # CPU smoke run on tiny shapes (what the tests run)
     python bench.py --compile=False                   # eager training steps (compiling is the default on CUDA)
 
@@ -40,7 +41,7 @@ from model import GPT, CausalSelfAttention, GPTConfig
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out-bench'
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-sections = ['env', 'check', 'mixer', 'fftconv', 'model', 'distill', 'generate']
+sections = ['env', 'check', 'mixer', 'fftconv', 'model', 'profile', 'distill', 'generate']
 quick = False  # tiny shapes for a CPU smoke run (keys given on the command line still win)
 seed = 1337
 cpu_threads = 0  # torch.set_num_threads on CPU (0: leave torch's default); quick runs use 1
@@ -80,6 +81,11 @@ model_tokens = 16384  # tokens per step: batch = model_tokens // block_size
 model_variants = ['teacher', 'student', 'student-triton', 'student-triton-bf16']
 model_warmup = 3
 model_iters = 10
+# profile: the kernels a training step spends its time in (torch.profiler), per variant
+profile_block = 1024
+profile_variants = ['teacher', 'student', 'student-triton-bf16']
+profile_steps = 3
+profile_top = 15
 compile = True  # torch.compile the training/distill steps on CUDA
 compile_scope = 'blocks'  # 'blocks': each Block compiled (identical blocks share one graph: fast to compile); 'model'
 # distill: teacher forward (no_grad) + student fwd/bwd/AdamW on alpha * T^2 * KL + (1 - alpha) * CE
@@ -92,16 +98,17 @@ kd_alpha = 0.5
 gen_contexts = [1024, 4096, 16384, 65536]
 gen_new_tokens = 128
 gen_batch = 8
-gen_models = ['teacher', 'student', 'recurrent']
+gen_models = ['teacher', 'student', 'recurrent', 'recurrent-eager']
 gen_d_state = 16
 gen_fit_length = 2048  # recurrent fit: taps fitted and iterations (speed does not depend on the fit's quality)
-gen_fit_iters = 50
+gen_fit_iters = 0
 gen_autocast = True  # bf16 autocast on CUDA
 # -----------------------------------------------------------------------------------------------------------
 QUICK = dict(cpu_threads=1, n_layer=2, n_head=4, n_embd=32, vocab_size=128, warmup_ms=1, rep_ms=5,
              check_lengths=[64, 100], check_batch=2, check_channels=8, check_op_length=64,
              mixer_lengths=[64, 128], mixer_tokens=256, fftconv_lengths=[64, 96], fftconv_tokens=256, copy_mb=16,
-             model_blocks=[32, 64], model_tokens=128, model_warmup=1, model_iters=2,
+             model_blocks=[32, 64], model_tokens=128, model_warmup=1, model_iters=2, profile_block=32,
+             profile_steps=1, profile_top=3,
              distill_block=32, distill_tokens=128, gen_contexts=[16, 32], gen_new_tokens=4, gen_batch=2)
 
 from configurator import configure  # noqa: E402
@@ -675,7 +682,8 @@ def section_model():
     return columns, rows, notes
 
 
-def train_step_timing(kind, block, batch):
+def build_train_step(kind, block, batch):
+    """(step, model): step() runs one fwd + bwd + AdamW step of a fresh teacher or student on random tokens."""
     torch.manual_seed(seed)
     model = GPT(gpt_config(kind, block)).to(device)
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if CUDA else 'cpu')
@@ -689,10 +697,52 @@ def train_step_timing(kind, block, batch):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step, model
+
+
+def train_step_timing(kind, block, batch):
+    step, model = build_train_step(kind, block, batch)
     ms = time_steps(step, model_warmup, model_iters)
     peak = peak_mb(step, absolute=True)
-    del opt
     return ms, peak, model
+
+
+def section_profile():
+    """Where a training step's time goes: the kernels with the most device time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    columns = ['variant', 'block', 'rank', 'kernel', 'calls/step', 'ms/step', '% of step']
+    rows = []
+    batch = max(1, model_tokens // profile_block)
+    for spec in profile_variants:
+        opts = parse_variant(spec)
+        why = triton_unavailable(opts, profile_block)
+        if why:
+            rows.append({'variant': spec, 'block': profile_block, 'rank': '-', 'kernel': why,
+                         'calls/step': '-', 'ms/step': '-', '% of step': '-'})
+            continue
+        with hyena_settings(opts):
+            step, model = build_train_step(opts['kind'], profile_block, batch)
+            for _ in range(model_warmup):
+                step()
+            sync()
+            activities = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
+            with profile(activities=activities) as prof:
+                for _ in range(profile_steps):
+                    step()
+                sync()
+        events = [e for e in prof.key_averages() if (e.self_device_time_total if CUDA else e.self_cpu_time_total) > 0]
+        own = (lambda e: e.self_device_time_total) if CUDA else (lambda e: e.self_cpu_time_total)
+        total = sum(own(e) for e in events)
+        for rank, e in enumerate(sorted(events, key=own, reverse=True)[:profile_top], 1):
+            rows.append({'variant': spec, 'block': profile_block, 'rank': rank, 'kernel': e.key[:90].replace('|', '/'),
+                         'calls/step': e.count / profile_steps, 'ms/step': own(e) / 1e3 / profile_steps,
+                         '% of step': 100 * own(e) / total})
+        del model, step
+        free_memory()
+    notes = [f'one training step as in the model section (batch {batch} x {profile_block}), {profile_steps} steps '
+             f'under torch.profiler after {model_warmup} warm-up steps; the {profile_top} kernels with the most '
+             f'self {"device" if CUDA else "CPU"} time; % of the sum over all kernels.']
+    return columns, rows, notes
 
 
 def kd_loss(s_logits, t_logits, targets, T, alpha):
@@ -753,20 +803,15 @@ def section_distill():
 
 
 def build_generator(kind, max_len):
+    """(model, fit seconds or None) for a generate row: 'teacher', 'student' (cached FFT-conv Hyena) or
+    'recurrent' / 'recurrent-eager' (the student fitted by recurrent.fit_model; decoded through a CUDA
+    graph, or without one)."""
     torch.manual_seed(seed)
-    model = GPT(gpt_config(kind, max_len, pos_emb=(kind == 'teacher'))).to(device).eval()
-    if kind == 'recurrent':
-        try:
-            import recurrent
-        except ImportError as e:
-            if getattr(e, 'name', None) == 'recurrent':
-                return None, 'n/a: recurrent.py not found'
-            raise
-        import inspect
-        params = inspect.signature(recurrent.fit_model).parameters
-        extra = {k: v for k, v in (('length', min(gen_fit_length, max_len)), ('iters', gen_fit_iters)) if k in params}
+    model = GPT(gpt_config(kind.split('-')[0], max_len, pos_emb=(kind == 'teacher'))).to(device).eval()
+    if kind.startswith('recurrent'):
+        import recurrent
         t0 = time.time()
-        recurrent.fit_model(model, d_state=gen_d_state, **extra)
+        recurrent.fit_model(model, d_state=gen_d_state, length=min(gen_fit_length, max_len), iters=gen_fit_iters)
         return model, time.time() - t0
     return model, None
 
@@ -781,6 +826,7 @@ def section_generate():
             model, fit = build_generator(kind, max_len)
         except Exception as e:
             model, fit = None, error_cell(e)
+        cuda_graph = kind != 'recurrent-eager'
         for ctx in gen_contexts:
             row = {'model': kind, 'context': ctx, 'batch': gen_batch}
             if model is None:
@@ -793,32 +839,15 @@ def section_generate():
                 idx = torch.randint(0, vocab_size, (gen_batch, ctx), device=device)
                 ac = autocast() if gen_autocast and CUDA else contextlib.nullcontext()
 
-                with ac:
-                    model.generate(idx[:, :8], 2, use_cache=True)  # warm-up: kernels, handles
-                stamps = []  # the end of every model call: the first is the prefill, then one per token
-
-                def stamp(*_):
-                    sync()
-                    stamps.append(time.perf_counter())
-                hook = model.register_forward_hook(stamp)
-                try:
-                    def gen():
-                        sync()
-                        stamps.append(time.perf_counter())
-                        with ac:
-                            out = model.generate(idx, gen_new_tokens, use_cache=True)
-                        sync()
-                        stamps.append(time.perf_counter())
-                        assert out.shape == (gen_batch, ctx + gen_new_tokens), tuple(out.shape)
-                    peak = peak_mb(gen)
-                finally:
-                    hook.remove()
-                if len(stamps) == gen_new_tokens + 2:  # start, prefill + one call per further token, end
-                    prefill_ms = (stamps[1] - stamps[0]) * 1e3
-                    decode_ms = (stamps[-2] - stamps[1]) * 1e3 / max(gen_new_tokens - 1, 1)
-                else:  # generate did not go through model.forward once per token: whole call, prefill included
-                    prefill_ms = 'n/a: not one forward per token'
-                    decode_ms = (stamps[-1] - stamps[0]) * 1e3 / gen_new_tokens
+                def generate(n):
+                    with ac:
+                        return model.generate(idx, n, use_cache=True, cuda_graph=cuda_graph)
+                generate(2)  # warm-up: kernels, cuFFT plans, cuBLAS handles
+                # prefill = generate(idx, 1) (the prompt pass and one sampling); each further token adds one step
+                prefill_ms = time_once(lambda: generate(1))
+                t_all = {}
+                peak = peak_mb(lambda: t_all.setdefault('s', time_once(lambda: generate(1 + gen_new_tokens))))
+                decode_ms = (t_all['s'] - prefill_ms) / gen_new_tokens
                 row.update({'prefill ms': prefill_ms, 'decode tokens/s': gen_batch / (decode_ms / 1e3),
                             'ms/token': decode_ms, 'peak MB': peak})
             except Exception as e:
@@ -828,18 +857,20 @@ def section_generate():
         del model
         free_memory()
     notes = [f'random weights, GPT-2 124M shape, block_size {max_len} (teacher: learned positions; students: '
-             f'pos_emb=False); batch {gen_batch}; one call of generate(idx, {gen_new_tokens}), timed at the end of '
-             f'each model call (a forward hook that synchronizes): prefill ms = the prompt pass, ms/token = the '
-             f'{gen_new_tokens - 1} later calls with their sampling; tokens/s counts '
-             f'every sequence of the batch; peak MB: above the weights during generate(idx, {gen_new_tokens}); '
-             f'bf16 autocast={gen_autocast and CUDA}; recurrent: recurrent.fit_model(model, d_state={gen_d_state}, '
-             f'length={gen_fit_length}, iters={gen_fit_iters}) on random weights (decode speed does not depend on '
-             'the fit), fit s = its time.']
+             f'pos_emb=False); batch {gen_batch}; prefill ms = generate(idx, 1) (the prompt pass and one sample), '
+             f'ms/token = (time of generate(idx, {1 + gen_new_tokens}) - prefill) / {gen_new_tokens}, sampling '
+             f'included; tokens/s counts every sequence of the batch; peak MB: above the weights during '
+             f'generate(idx, {1 + gen_new_tokens}); bf16 autocast={gen_autocast and CUDA}. teacher: KV cache; '
+             f'student: cached Hyena decoding (O(L * D) per token); recurrent: recurrent.fit_model(model, '
+             f'd_state={gen_d_state}, length={gen_fit_length}, iters={gen_fit_iters}) on random weights (decode '
+             f'speed does not depend on the fit), decoded through one CUDA graph per step (model.decode_graph); '
+             f'recurrent-eager: the same without the graph; fit s = the fit\'s time.']
     return columns, rows, notes
 
 
 SECTIONS = {'env': section_env, 'check': section_check, 'mixer': section_mixer, 'fftconv': section_fftconv,
-            'model': section_model, 'distill': section_distill, 'generate': section_generate}
+            'model': section_model, 'profile': section_profile, 'distill': section_distill,
+            'generate': section_generate}
 
 
 def main():

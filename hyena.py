@@ -308,8 +308,8 @@ class HyenaOperator(nn.Module):
             window = torch.cat([cache['tail'], u_t], dim=-1) if cache['tail'] is not None else u_t
             w = self.short_filter.weight.squeeze(1)  # (width, K)
             u_t = (window * w).sum(-1) + self.short_filter.bias  # the short conv at position pos
-            if cache['tail'] is not None:
-                cache['tail'] = window[..., 1:]
+            if cache['tail'] is not None:  # in place: a CUDA graph of this step replays on the same buffers
+                cache['tail'].copy_(window[..., 1:])
             *gates, v = u_t.split(D, dim=1)
             v = v.float()
             taps = cache['taps'][..., -(pos + 1):] if cache['history'] is not None else None  # h[pos], ..., h[0]

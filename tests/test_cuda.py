@@ -66,3 +66,26 @@ def test_cached_decoding_matches_full_forward_on_cuda():
         steps = [model(idx[:, :100], cache=cache)[0][:, -1]]
         steps += [model(idx[:, t:t + 1], cache=cache)[0][:, -1] for t in range(100, 200)]
     assert rel_err(torch.stack(steps, 1), full[:, 99:]) < 1e-4
+
+
+def test_cuda_graph_decoding_matches_eager_recurrent_decoding():
+    import recurrent
+    from model import decode_graph
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=128, hyena_layers=[0, 1])).cuda().eval()
+    recurrent.fit_model(model, d_state=8, iters=0)
+    assert model.fixed_size_cache()
+    idx = torch.randint(0, 512, (2, 160), device='cuda')
+    with torch.no_grad():
+        eager_cache, graph_cache = model.new_cache(160), model.new_cache(160)
+        model(idx[:, :100], cache=eager_cache)
+        model(idx[:, :100], cache=graph_cache)
+        step = decode_graph(model, graph_cache, 2)
+        for t in range(100, 160):
+            expected = model(idx[:, t:t + 1], cache=eager_cache)[0]
+            assert rel_err(step(idx[:, t:t + 1]), expected) < 1e-5
+        torch.manual_seed(1)
+        graphed = model.generate(idx[:, :100], 20, cuda_graph=True)
+        torch.manual_seed(1)
+        eager = model.generate(idx[:, :100], 20, cuda_graph=False)
+    assert torch.equal(graphed, eager)

@@ -91,6 +91,21 @@ def test_recurrent_state_memory_is_constant_in_context_length():
     assert sizes[16] == sizes[256] > 0
 
 
+def test_decoding_with_the_position_as_a_tensor_matches_an_int_position():
+    # model.decode_graph keeps the position on the device (a CUDA graph cannot read a Python int)
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(**TINY)).eval()  # learned positions: the position picks wpe rows
+    recurrent.fit_model(model, d_state=4, iters=0)
+    idx = torch.randint(0, 64, (2, 20))
+    expected = decode(model, idx, 8)
+    cache = model.new_cache(20)
+    steps = [model(idx[:, :8], cache=cache)[0][:, -1]]
+    cache['length'] = torch.tensor(cache['length'])
+    steps += [model(idx[:, t:t + 1], cache=cache)[0][:, -1] for t in range(8, 20)]
+    assert torch.equal(torch.stack(steps, 1), expected)
+    assert cache['length'].item() == 20
+
+
 def test_fit_error_decreases_as_d_state_grows():
     torch.manual_seed(3)
     with torch.no_grad():
