@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import fftconv_triton
 import hyena
-from model import GPT, CausalSelfAttention, GPTConfig
+from model import GPT, CausalSelfAttention, GPTConfig, cache_bytes
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out-bench'
@@ -818,7 +818,8 @@ def build_generator(kind, max_len):
 
 def section_generate():
     """tokens/s and memory of model.generate(idx, n, use_cache=True) after a prompt of each context."""
-    columns = ['model', 'context', 'batch', 'prefill ms', 'decode tokens/s', 'ms/token', 'peak MB', 'fit s']
+    columns = ['model', 'context', 'batch', 'prefill ms', 'decode tokens/s', 'ms/token', 'cache MB', 'peak MB',
+               'fit s']
     rows = []
     max_len = max(gen_contexts) + gen_new_tokens
     for kind in gen_models:
@@ -848,8 +849,12 @@ def section_generate():
                 t_all = {}
                 peak = peak_mb(lambda: t_all.setdefault('s', time_once(lambda: generate(1 + gen_new_tokens))))
                 decode_ms = (t_all['s'] - prefill_ms) / gen_new_tokens
+                cache = model.new_cache(ctx + 1)  # the decoding state after the prompt: what grows, or not
+                with ac, torch.no_grad():
+                    model(idx, cache=cache)
                 row.update({'prefill ms': prefill_ms, 'decode tokens/s': gen_batch / (decode_ms / 1e3),
-                            'ms/token': decode_ms, 'peak MB': peak})
+                            'ms/token': decode_ms, 'peak MB': peak, 'cache MB': cache_bytes(cache) / 2 ** 20})
+                del cache
             except Exception as e:
                 row.update({c: error_cell(e) for c in columns if c not in row})
             rows.append(row)
@@ -860,7 +865,9 @@ def section_generate():
              f'pos_emb=False); batch {gen_batch}; prefill ms = generate(idx, 1) (the prompt pass and one sample), '
              f'ms/token = (time of generate(idx, {1 + gen_new_tokens}) - prefill) / {gen_new_tokens}, sampling '
              f'included; tokens/s counts every sequence of the batch; peak MB: above the weights during '
-             f'generate(idx, {1 + gen_new_tokens}); bf16 autocast={gen_autocast and CUDA}. teacher: KV cache; '
+             f'generate(idx, {1 + gen_new_tokens}) (the prompt pass dominates it); cache MB: the decoding state '
+             f'after the prompt (KV cache, Hyena history or recurrent state; model.cache_bytes); bf16 '
+             f'autocast={gen_autocast and CUDA}. teacher: KV cache; '
              f'student: cached Hyena decoding (O(L * D) per token); recurrent: recurrent.fit_model(model, '
              f'd_state={gen_d_state}, length={gen_fit_length}, iters={gen_fit_iters}) on random weights (decode '
              f'speed does not depend on the fit), decoded through one CUDA graph per step (model.decode_graph); '

@@ -305,11 +305,17 @@ class GPT(nn.Module):
         return idx
 
 
-def _cache_tensors(cache):
+def cache_tensors(cache):
+    """Every tensor of a decoding cache (model.new_cache(), filled by forward calls), in a fixed order."""
     if torch.is_tensor(cache):
         return [cache]
     items = cache.values() if isinstance(cache, dict) else cache if isinstance(cache, (list, tuple)) else []
-    return [t for item in items for t in _cache_tensors(item)]
+    return [t for item in items for t in cache_tensors(item)]
+
+
+def cache_bytes(cache):
+    """Bytes a decoding cache holds: KV cache, Hyena history, or the constant-size recurrent state."""
+    return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
 
 
 @torch.no_grad()
@@ -326,7 +332,7 @@ def decode_graph(model, cache, batch_size):
     static_idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     if not torch.is_tensor(cache['length']):
         cache['length'] = torch.tensor(cache['length'], device=device)
-    state = _cache_tensors(cache)
+    state = cache_tensors(cache)
     saved = [t.clone() for t in state]
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))

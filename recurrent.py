@@ -162,17 +162,6 @@ class ModalFilter(nn.Module):
         return y
 
 
-def cache_bytes(cache):
-    """Bytes held by all tensors of a decoding cache (any nesting of dicts and lists)."""
-    if isinstance(cache, torch.Tensor):
-        return cache.numel() * cache.element_size()
-    if isinstance(cache, dict):
-        return sum(cache_bytes(v) for v in cache.values())
-    if isinstance(cache, (list, tuple)):
-        return sum(cache_bytes(v) for v in cache)
-    return 0
-
-
 # ---- fitting ------------------------------------------------------------------------------------------------
 
 def _powers(p, N):

@@ -9,7 +9,7 @@ import torch
 
 import recurrent
 from hyena import HyenaFilter
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, cache_bytes
 from training import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def test_recurrent_state_memory_is_constant_in_context_length():
     for t in range(1, 257):
         model(idx[:, t:t + 1], cache=cache)
         if t in (16, 256):
-            sizes[t] = recurrent.cache_bytes(cache)
+            sizes[t] = cache_bytes(cache)
     assert sizes[16] == sizes[256] > 0
 
 
