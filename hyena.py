@@ -32,7 +32,8 @@ FFTCONV_IMPL = 'fast'   # fftconv(): 'plain' (autograd through torch.fft, the re
 #                         full complex FFT), 'triton' (fused FFT conv as matmuls, FlashFFTConv-style; CUDA,
 #                         L <= fftconv_triton.TRITON_MAX_N / 2, else it falls back to 'fast')
 SHORT_CONV = 'auto'     # short_conv(): 'conv1d' (cuDNN depthwise), 'shift' (K shifted multiply-adds, which
-#                         torch.compile fuses with the gates and transposes), 'auto' (shift when compiling)
+#                         torch.compile fuses with the gates and transposes), 'shift_t' (the same after one
+#                         copy to (B, C, L); not yet measured on a GPU), 'auto' (shift when compiling)
 
 
 def fft_size(n, mode=None):
@@ -149,24 +150,30 @@ def short_conv(z, conv):
     """The depthwise causal short conv of `conv` (an nn.Conv1d with groups = channels, padding K - 1) along
     the time axis of z (B, T, W), returned as (B, W, T) (maybe a strided view). SHORT_CONV picks cuDNN's
     conv1d or K shifted multiply-adds, y[t] = b + sum_j w[j] z[t - K + 1 + j], which torch.compile fuses
-    with the transposes and gates around it (a conv1d is an opaque library call to the compiler)."""
+    with the transposes and gates around it (a conv1d is an opaque library call to the compiler): 'shift'
+    shifts z as it comes, (B, T, W), 'shift_t' first copies it to (B, W, T), so everything after it, the
+    backward's reductions over batch and time included, reads time-contiguous rows (in the profile in
+    BENCHMARKS.md the weight gradient of 'shift' reduces through a strided layout)."""
     T = z.shape[1]
     mode = SHORT_CONV
     if mode == 'auto':
         mode = 'shift' if torch.compiler.is_compiling() else 'conv1d'
     if mode == 'conv1d':
         return conv(z.transpose(1, 2))[..., :T]
-    if mode != 'shift':
-        raise ValueError(f"SHORT_CONV must be 'auto', 'conv1d' or 'shift', got {mode!r}")
-    K = conv.kernel_size[0]
+    if mode not in ('shift', 'shift_t'):
+        raise ValueError(f"SHORT_CONV must be 'auto', 'conv1d', 'shift' or 'shift_t', got {mode!r}")
+    K, axis = conv.kernel_size[0], (2 if mode == 'shift_t' else 1)  # the time axis
+    if axis == 2:
+        z = z.transpose(1, 2).contiguous()
+    shape = (-1, 1) if axis == 2 else (-1,)  # per-channel vectors, broadcast over time
     w = conv.weight.squeeze(1).t().to(z.dtype)  # (K, W)
-    zp = F.pad(z, (0, 0, K - 1, 0))
-    y = zp[:, K - 1:K - 1 + T] * w[K - 1]
+    zp = F.pad(z, (K - 1, 0) if axis == 2 else (0, 0, K - 1, 0))
+    y = zp.narrow(axis, K - 1, T) * w[K - 1].view(shape)
     for j in range(K - 1):
-        y = y + zp[:, j:j + T] * w[j]
+        y = y + zp.narrow(axis, j, T) * w[j].view(shape)
     if conv.bias is not None:
-        y = y + conv.bias.to(z.dtype)
-    return y.transpose(1, 2)
+        y = y + conv.bias.to(z.dtype).view(shape)
+    return y if axis == 2 else y.transpose(1, 2)
 
 
 class Sin(nn.Module):

@@ -29,8 +29,8 @@ EXPECTED_ROWS = {
     'check (operator)': 4,
     'mixer': 2,
     'fftconv': 2 * 5,
-    'model': 2 * 4,
-    'profile': 2 * 3 + 1,  # teacher and student top-3 kernels; student-triton-bf16: n/a without Triton
+    'model': 2 * 6,
+    'profile': 2 * 3 + 2,  # teacher and student top-3 kernels; the two Triton variants: n/a on CPU
     'distill': 2,
     'generate': 4 * 2,
 }
@@ -164,13 +164,14 @@ def test_fftconv_rejects_unknown_impl():
         fftconv(torch.randn(1, 2, 8), torch.randn(2, 8), impl='magic')
 
 
+@pytest.mark.parametrize('mode', ['shift', 'shift_t'])
 @pytest.mark.parametrize('K', [1, 3, 4])
-def test_short_conv_shift_equals_conv1d(K, monkeypatch):
+def test_short_conv_shift_equals_conv1d(K, mode, monkeypatch):
     conv = nn.Conv1d(12, 12, K, groups=12, padding=K - 1)
     z = torch.randn(2, 9, 12)
     monkeypatch.setattr(hyena, 'SHORT_CONV', 'conv1d')
     ref = short_conv(z, conv)
-    monkeypatch.setattr(hyena, 'SHORT_CONV', 'shift')
+    monkeypatch.setattr(hyena, 'SHORT_CONV', mode)
     out = short_conv(z, conv)
     assert out.shape == ref.shape == (2, 12, 9)
     assert rel(out, ref) < 1e-6
@@ -190,7 +191,7 @@ def test_operator_fast_settings_match_the_plain_operator(order, monkeypatch):
         op(xx).backward(gy)
         return [xx.grad] + [p.grad.clone() for p in op.parameters()]
     ref = run('plain', 'conv1d')
-    for short in ('conv1d', 'shift'):
+    for short in ('conv1d', 'shift', 'shift_t'):
         for a, b in zip(run('fast', short), ref):
             assert rel(a, b) < 1e-5
 
