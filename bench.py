@@ -138,6 +138,11 @@ def autocast():
     return torch.autocast(device_type='cuda' if CUDA else 'cpu', dtype=torch.bfloat16)
 
 
+def fill(row, columns, value):
+    """Give every column the row lacks the same cell: why it was skipped, or the error that stopped it."""
+    row.update({c: value for c in columns if c not in row})
+
+
 def error_cell(e):
     msg = f"{type(e).__name__}: {e}".replace('\n', ' ').replace('|', '/')
     return 'error: ' + (msg[:160] + '...' if len(msg) > 160 else msg)
@@ -538,7 +543,7 @@ def section_mixer():
             x = torch.randn(B, L, n_embd, device=device, requires_grad=True)
             g = torch.randn(B, L, n_embd, device=device)
         except Exception as e:
-            row.update({c: error_cell(e) for c in columns if c not in row})
+            fill(row, columns, error_cell(e))
             rows.append(row)
             continue
         for spec, opts in specs:
@@ -612,7 +617,7 @@ def section_fftconv():
             row = {'L': L, 'B': B, 'variant': spec, 'fwd floor ms': floor_f, 'fwd+bwd floor ms': floor_fb}
             why = triton_unavailable(opts, L)
             if why:
-                row.update({c: why for c in columns if c not in row})
+                fill(row, columns, why)
                 rows.append(row)
                 continue
             try:
@@ -634,7 +639,7 @@ def section_fftconv():
                     row['MB'] = peak_mb(step)
                 del u, k, D, g
             except Exception as e:
-                row.update({c: error_cell(e) for c in columns if c not in row})
+                fill(row, columns, error_cell(e))
             rows.append(row)
             free_memory()
     notes.append(f'C={C}, B*L={fftconv_tokens}, u and y bf16, k and D fp32; floor = bytes / {bw:.0f} GB/s '
@@ -658,7 +663,7 @@ def section_model():
             row = {'block': block, 'batch': batch, 'variant': spec}
             why = triton_unavailable(opts, block)
             if why:
-                row.update({c: why for c in columns if c not in row})
+                fill(row, columns, why)
                 rows.append(row)
                 continue
             try:
@@ -674,7 +679,7 @@ def section_model():
                 row['student / teacher'] = tps / teacher_tps if teacher_tps and opts['kind'] == 'student' else '-'
                 del model
             except Exception as e:
-                row.update({c: error_cell(e) for c in columns if c not in row})
+                fill(row, columns, error_cell(e))
             rows.append(row)
             free_memory()
     notes = [f'GPT-2 124M shape ({n_layer} layers, {n_head} heads, {n_embd} wide, vocab {vocab_size}); student: '
@@ -767,7 +772,7 @@ def section_distill():
         row = {'block': block, 'batch': batch, 'variant': spec}
         why = triton_unavailable(opts, block)
         if why:
-            row.update({c: why for c in columns if c not in row})
+            fill(row, columns, why)
             rows.append(row)
             continue
         try:
@@ -795,7 +800,7 @@ def section_distill():
                 row.update({'ms/step': ms, 'tokens/s': batch * block / (ms / 1e3), 'peak MB': peak_mb(step, True)})
                 del teacher, student, opt
         except Exception as e:
-            row.update({c: error_cell(e) for c in columns if c not in row})
+            fill(row, columns, error_cell(e))
         rows.append(row)
         free_memory()
     notes = [f'teacher = GPT-2 124M shape (attention), student = all-Hyena of the same shape; loss = {kd_alpha} * '
@@ -833,7 +838,7 @@ def section_generate():
         for ctx in gen_contexts:
             row = {'model': kind, 'context': ctx, 'batch': gen_batch}
             if model is None:
-                row.update({c: fit for c in columns if c not in row})
+                fill(row, columns, fit)
                 rows.append(row)
                 continue
             row['fit s'] = fit if fit is not None else '-'
@@ -858,7 +863,7 @@ def section_generate():
                             'ms/token': decode_ms, 'peak MB': peak, 'cache MB': cache_bytes(cache) / 2 ** 20})
                 del cache
             except Exception as e:
-                row.update({c: error_cell(e) for c in columns if c not in row})
+                fill(row, columns, error_cell(e))
             rows.append(row)
             free_memory()
         del model

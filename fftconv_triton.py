@@ -64,13 +64,10 @@ if triton is not None:
         return dr * Tr + di * Ti, di * Tr - dr * Ti
 
     @triton.jit
-    def _mfft_conv_kernel(u_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                          B, C, L, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
-        """y[b, c] = IDFT(DFT(u[b, c]) * K[c])[:L] + d[c] u[b, c], for one channel c and ROWS batch rows.
-        Two rows at a time share one complex FFT: with a real filter, conv(u_b + i u_b', k) =
-        conv(u_b, k) + i conv(u_b', k), so the real and imaginary parts of the result are the two outputs."""
-        c = tl.program_id(0)
-        pb = tl.program_id(1)
+    def _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1: tl.constexpr, N2: tl.constexpr):
+        """The DFT matrices and twiddles of _mfft_consts: F_N1's first N1/2 columns (stage one of the forward:
+        the input's upper half is zero) and first N1/2 rows (last stage of the inverse: only the first half of
+        the output is kept), F_N2, T."""
         H1: tl.constexpr = N1 // 2
         i1 = tl.arange(0, N1)
         h1 = tl.arange(0, H1)
@@ -82,19 +79,35 @@ if triton is not None:
         F2r = tl.load(f2r_ptr + i2[:, None] * N2 + i2[None, :])
         F2i = tl.load(f2i_ptr + i2[:, None] * N2 + i2[None, :])
         mat = i1[:, None] * N2 + i2[None, :]
-        Tr = tl.load(tr_ptr + mat)
-        Ti = tl.load(ti_ptr + mat)
+        return F1hr, F1hi, F1tr, F1ti, F2r, F2i, tl.load(tr_ptr + mat), tl.load(ti_ptr + mat)
+
+    @triton.jit
+    def _mfft_row_pair(b0, has_second, c, B, C, L, tmask):
+        """Offsets of rows (b0, c) and (b0 + 1, c) of a contiguous (B, C, L) tensor, and their load masks."""
+        base0 = (b0 * C + c).to(tl.int64) * L
+        return base0, base0 + C * L, tmask & (b0 < B), tmask & (b0 + 1 < B) & has_second
+
+    @triton.jit
+    def _mfft_conv_kernel(u_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                          B, C, L, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+        """y[b, c] = IDFT(DFT(u[b, c]) * K[c])[:L] + d[c] u[b, c], for one channel c and ROWS batch rows.
+        Two rows at a time share one complex FFT: with a real filter, conv(u_b + i u_b', k) =
+        conv(u_b, k) + i conv(u_b', k), so the real and imaginary parts of the result are the two outputs."""
+        c = tl.program_id(0)
+        pb = tl.program_id(1)
+        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti = _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr,
+                                                                     ti_ptr, N1, N2)
+        H1: tl.constexpr = N1 // 2
+        h1 = tl.arange(0, H1)
+        i2 = tl.arange(0, N2)
+        mat = tl.arange(0, N1)[:, None] * N2 + i2[None, :]
         Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
         Ki = tl.load(ki_ptr + c * (N1 * N2) + mat)
         dc = tl.load(d_ptr + c)
         t = h1[:, None] * N2 + i2[None, :]
         tmask = t < L
         for r in range(0, ROWS, 2):
-            b0 = pb * ROWS + r
-            m0 = tmask & (b0 < B)
-            m1 = tmask & (b0 + 1 < B) & (r + 1 < ROWS)
-            base0 = (b0 * C + c).to(tl.int64) * L
-            base1 = base0 + C * L
+            base0, base1, m0, m1 = _mfft_row_pair(pb * ROWS + r, r + 1 < ROWS, c, B, C, L, tmask)
             xr = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
             xi = tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
             cr, ci = _mfft_forward(xr, xi, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
@@ -114,30 +127,18 @@ if triton is not None:
         where X is the spectrum of a real signal too, so Re(IDFT(.)) is the sum of the two correlations."""
         c = tl.program_id(0)
         pb = tl.program_id(1)
+        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti = _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr,
+                                                                     ti_ptr, N1, N2)
         H1: tl.constexpr = N1 // 2
-        i1 = tl.arange(0, N1)
         h1 = tl.arange(0, H1)
         i2 = tl.arange(0, N2)
-        F1hr = tl.load(f1r_ptr + i1[:, None] * N1 + h1[None, :])
-        F1hi = tl.load(f1i_ptr + i1[:, None] * N1 + h1[None, :])
-        F1tr = tl.load(f1r_ptr + h1[:, None] * N1 + i1[None, :])
-        F1ti = tl.load(f1i_ptr + h1[:, None] * N1 + i1[None, :])
-        F2r = tl.load(f2r_ptr + i2[:, None] * N2 + i2[None, :])
-        F2i = tl.load(f2i_ptr + i2[:, None] * N2 + i2[None, :])
-        mat = i1[:, None] * N2 + i2[None, :]
-        Tr = tl.load(tr_ptr + mat)
-        Ti = tl.load(ti_ptr + mat)
         t = h1[:, None] * N2 + i2[None, :]
         tmask = t < L
         sr = tl.zeros([N1, N2], dtype=tl.float32)
         si = tl.zeros([N1, N2], dtype=tl.float32)
         dd = tl.zeros([H1, N2], dtype=tl.float32)
         for r in range(0, ROWS, 2):
-            b0 = pb * ROWS + r
-            m0 = tmask & (b0 < B)
-            m1 = tmask & (b0 + 1 < B) & (r + 1 < ROWS)
-            base0 = (b0 * C + c).to(tl.int64) * L
-            base1 = base0 + C * L
+            base0, base1, m0, m1 = _mfft_row_pair(pb * ROWS + r, r + 1 < ROWS, c, B, C, L, tmask)
             ur0 = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
             ui0 = tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
             gr0 = tl.load(g_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
