@@ -19,6 +19,9 @@ Stages, each with its own iterations and learning rate (0 iterations skips a sta
            (Hinton et al. 2015); the teacher frozen, eval mode, no grad.
   scratch  the same student architecture from random init, CE only, on the same tokens (by default as
            many as align + kd used, and the very same batches).
+A replaced layer starts from its attention (seed_from_attention: in_proj <- c_attn, out_proj <- c_proj, an
+identity short conv); match_output_scale=True then scales each out_proj row to the least-squares fit of the
+attention's output on the phase's first batch.
 The teacher is a train_teacher.py checkpoint, a GPT-2 name or a local Hugging Face GPT-2 folder.
 Writes out_dir/ckpt.pt (the student; sample.py loads it), log.jsonl and report.{md,json,png}.
 SIGTERM / SIGINT: saves ckpt.pt mid-stage and exits; --init_from=resume continues with the same losses.
@@ -49,6 +52,8 @@ gradient_accumulation_steps = 1  # global: divided among DDP ranks
 # the student
 hyena_layers = None  # which attention layers become Hyena: None (all), 'all', a list [0, 2] or '0,2'
 seed_from_attention = True  # in_proj <- c_attn (q, k, v -> x0, x1, v), out_proj <- c_proj, short conv = identity
+match_output_scale = False  # then scale each out_proj row to the least-squares fit of the attention's output
+#   (lowers the first align errors; on the CPU demo the final student was no better, see README)
 hyena_order = 2
 hyena_filter_order = 64
 hyena_emb_dim = 33
@@ -234,23 +239,52 @@ def allreduce_grads(params):
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
 
 
+def layer_inputs(X, stream_model, upto):
+    """(j, ln_1 output of block j) for j = 0 .. upto, on stream_model's residual stream of batch X."""
+    with torch.no_grad():
+        x = stream_model.embed(X)
+    for j, block in enumerate(stream_model.transformer.h[:upto + 1]):
+        with torch.no_grad():
+            inp = block.ln_1(x)
+        yield j, inp
+        if j < upto:
+            with torch.no_grad():
+                x = block(x)
+
+
+@torch.no_grad()
+def match_scales(fresh_layers, stream_model, X):
+    """Rescale each fresh Hyena layer's out_proj rows so that on batch X every output channel c is the
+    least-squares multiple of the attention's: W[c] *= <y_c, t_c - b_c> / <y_c, y_c>, with y = W z the
+    operator's output before its bias b and t the attention output. An operator seeded from q, k, v computes
+    q * (h * (k * v)), products whose scale has nothing to do with softmax attention's (relative errors of
+    3-10 on GPT-2 shapes); per channel, the least-squares scale is no worse than 1 (the seed) or 0 (b alone),
+    so align starts from below both. Sums are reduced over ranks: every rank gets the same scales."""
+    student.eval()  # no dropout: the same scales after a resume (the phase sets train mode again)
+    for j, inp in layer_inputs(X, stream_model, max(fresh_layers)):
+        if j not in fresh_layers:
+            continue
+        op = student.transformer.h[j].mixer
+        bias = op.out_proj.bias.float() if op.out_proj.bias is not None else 0.0
+        y = op(inp).float() - bias
+        target = teacher_model.transformer.h[j].mixer(inp).float() - bias
+        sums = torch.stack([(y * target).sum((0, 1)), (y * y).sum((0, 1))])
+        if dist.ddp:
+            torch.distributed.all_reduce(sums)
+        scale = torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(1e-30), torch.ones_like(sums[0]))
+        op.out_proj.weight.mul_(scale.unsqueeze(1).to(op.out_proj.weight.dtype))
+
+
 def align_loss(X, train_layers, stream_model):
     """Relative MSE between each trained layer's Hyena output and the teacher's attention output on the
     same input; the inputs come from stream_model's residual stream (student: progressive, teacher: parallel)."""
     losses = {}
-    with torch.no_grad():
-        x = stream_model.embed(X)
-    for j, block in enumerate(stream_model.transformer.h[:max(train_layers) + 1]):
-        with torch.no_grad():
-            inp = block.ln_1(x)
+    for j, inp in layer_inputs(X, stream_model, max(train_layers)):
         if j in train_layers:
             with torch.no_grad():
                 target = teacher_model.transformer.h[j].mixer(inp).float()
             pred = student.transformer.h[j].mixer(inp).float()
             losses[j] = (pred - target).pow(2).mean() / target.pow(2).mean()
-        if j < max(train_layers):
-            with torch.no_grad():
-                x = block(x)
     return losses
 
 
@@ -348,19 +382,21 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
     key = f"{stage_name}:{train_layers[0]}" if stage_name == 'align' and align_mode == 'progressive' else stage_name
 
     # what trains in this phase, with which loss
+    fresh = [i for i in (train_layers if stage_name == 'align' else layers if stage_name == 'kd' else [])
+             if i not in student.config.hyena_layers]
+    for i in fresh:
+        replace_with_hyena(student, i)
+    if fresh and match_output_scale:  # on the phase's first batch (the same one after a resume)
+        with prec.ctx:
+            match_scales(fresh, student if align_mode == 'progressive' and stage_name == 'align' else teacher_model,
+                         data.get_batch('train', (batch_offset[stage_name] + phase_start) * accum)[0])
     if stage_name == 'align':
-        for i in train_layers:
-            if i not in student.config.hyena_layers:
-                replace_with_hyena(student, i)
         student.requires_grad_(False)
         for i in train_layers:
             student.transformer.h[i].mixer.requires_grad_(True)
         stream_model = student if align_mode == 'progressive' else teacher_model
         run_model, lr_max, raw = student, align_lr, student
     elif stage_name == 'kd':
-        for i in layers:
-            if i not in student.config.hyena_layers:
-                replace_with_hyena(student, i)
         student.requires_grad_(not kd_freeze_copied)
         for i in layers:
             student.transformer.h[i].mixer.requires_grad_(True)

@@ -323,7 +323,7 @@ def decode_graph(model, cache, batch_size):
     """One decoding step, model(idx (batch_size, 1), cache=cache) -> logits (batch_size, 1, vocab), captured
     once as a CUDA graph and then replayed: returns step(idx) -> logits (a buffer the next step overwrites).
 
-    A decoding step of GPT-2 small is ~20 small kernels per layer; at the sizes where a recurrent student's
+    A decoding step of GPT-2 small is dozens of small kernels per layer; at the sizes where a recurrent student's
     step takes well under a millisecond of GPU time, launching them from Python costs more than running them,
     and one graph replay launches them all at once. A graph replays the same kernels on the same memory, so
     this needs a cache of fixed size (model.fixed_size_cache()): every piece of state updated in place, the

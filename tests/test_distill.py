@@ -136,6 +136,20 @@ def test_parallel_align_trains_all_layers_together(setup, tmp_path):
     assert [sorted(r['layer_rel_err']) for r in records] == [['0', '1']] * 4
 
 
+@pytest.mark.parametrize('mode', ['parallel', 'progressive'])
+def test_matched_output_scale_starts_align_closer_to_the_attention(setup, tmp_path, mode):
+    # the first logged align error is measured on the batch the scales were fitted on, before any step
+    first = {}
+    for match in (True, False):
+        out = tmp_path / f'{mode}-{match}'
+        distill(setup, out, '--align_iters=2', '--kd_iters=0', '--scratch_iters=0', f'--align_mode={mode}',
+                f'--match_output_scale={match}')
+        first[match] = [r['layer_rel_err'] for r in log_records(out) if 'layer_rel_err' in r][0]
+    assert set(first[True]) == set(first[False]) == ({'0', '1'} if mode == 'parallel' else {'0'})
+    for layer, err in first[True].items():
+        assert err < first[False][layer]
+
+
 def test_resume_mid_stage_reproduces_the_uninterrupted_losses(setup, tmp_path):
     args = ['--align_iters=10', '--kd_iters=200', '--scratch_iters=0', '--eval_interval=1000']
     reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
