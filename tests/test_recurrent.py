@@ -106,6 +106,20 @@ def test_decoding_with_the_position_as_a_tensor_matches_an_int_position():
     assert cache['length'].item() == 20
 
 
+def test_closed_form_gram_matches_the_explicit_design():
+    gen = torch.Generator().manual_seed(4)
+    C, d, N = 3, 5, 300
+    radius = torch.cat([torch.full((C, 1), recurrent.MAX_RADIUS, dtype=torch.float64),  # the slowest mode allowed
+                        0.5 + 0.45 * torch.rand(C, d - 1, generator=gen, dtype=torch.float64)], 1)
+    mag_log, theta = radius.log(), 3.0 * torch.rand(C, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(C, N, generator=gen, dtype=torch.float64)
+    gram, proj = recurrent._gram_and_projection(mag_log, theta, g)
+    powers = torch.exp(torch.complex(mag_log, theta).unsqueeze(-1) * torch.arange(N, dtype=torch.float64))
+    A = torch.cat([powers.real, -powers.imag], 1).transpose(1, 2)  # (C, N, 2d): [Re p^n, -Im p^n]
+    assert torch.allclose(gram, A.transpose(1, 2) @ A, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(proj, (A.transpose(1, 2) @ g.unsqueeze(-1)).squeeze(-1), rtol=1e-9, atol=1e-9)
+
+
 def test_fit_error_decreases_as_d_state_grows():
     torch.manual_seed(3)
     with torch.no_grad():
