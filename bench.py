@@ -737,8 +737,8 @@ def section_profile():
                 for _ in range(profile_steps):
                     step()
                 sync()
-        events = [e for e in prof.key_averages() if (e.self_device_time_total if CUDA else e.self_cpu_time_total) > 0]
         own = (lambda e: e.self_device_time_total) if CUDA else (lambda e: e.self_cpu_time_total)
+        events = [e for e in prof.key_averages() if own(e) > 0]
         total = sum(own(e) for e in events)
         for rank, e in enumerate(sorted(events, key=own, reverse=True)[:profile_top], 1):
             rows.append({'variant': spec, 'block': profile_block, 'rank': rank, 'kernel': e.key[:90].replace('|', '/'),
