@@ -49,8 +49,9 @@ Fitting (fit_filter), per channel, in float64:
   2. residues: linear least squares on the whole length;
   3. refinement: `iters` steps of variable projection (Golub-Pereyra): Adam on the poles alone (polar form,
      |p| < max_radius by construction), the residues being the least-squares solution for the current
-     poles (normal equations with the Gram matrix in closed form: O(d^2) per channel, not O(d^2 L));
-     per channel, the better of (2) and (3) is kept, so refining never makes a channel worse.
+     poles; per channel, the better of (2) and (3) is kept, so refining never makes a channel worse.
+Every least-squares solve uses the normal equations with the Gram matrix in closed form (_gram_and_projection:
+O(d^2) per channel instead of O(d^2 L)); only A^T h needs the powers p^n.
 A filter that is itself modal with d_state modes is recovered to ~1e-7 or better by steps 1-2 alone.
 The fit error reported is ||h - h_fit|| / ||h|| per channel, and per layer over all its channels pooled
 (Frobenius norms). Beyond the fitted length (default block_size, the filter's l_max) the modal filter
@@ -182,17 +183,20 @@ def _modal_response(p, R, N):
     return torch.cat(out) if out else p.real.new_zeros(0, N)
 
 
+def _ridge_solve(gram, proj):
+    """x = solve(A^T A + ridge I, A^T g) per channel: least squares by the normal equations, with a ridge relative
+    to the Gram matrix's mean diagonal (nearly equal poles make A^T A singular)."""
+    scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)[:, None, None]
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + RIDGE * scale * eye, proj.unsqueeze(-1)).squeeze(-1)
+
+
 def _solve_residues(g, p):
-    """Least-squares residues: min_R ||g - Re(sum_k R_k p_k^n)|| per channel; g (C, N) real, p (C, M)."""
-    C, N = g.shape
+    """Least-squares residues: min_R ||g - Re(sum_k R_k p_k^n)|| per channel; g (C, N) real, p (C, M), |p| < 1
+    (a pole at 0 touches g[0] only)."""
     M = p.shape[1]
-    P = _powers(p, N).transpose(1, 2)  # (C, N, M)
-    A = torch.cat([P.real, -P.imag], dim=-1)  # Re(R p^n) = Re R Re p^n - Im R Im p^n
-    AtA = A.transpose(1, 2) @ A
-    scale = AtA.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300).view(C, 1, 1)
-    eye = torch.eye(2 * M, dtype=A.dtype, device=A.device)
-    x = torch.linalg.solve(AtA + RIDGE * scale * eye, A.transpose(1, 2) @ g.unsqueeze(-1)).squeeze(-1)
-    return torch.complex(x[:, :M], x[:, M:])
+    x = _ridge_solve(*_gram_and_projection(p.abs().clamp_min(1e-300).log(), p.angle(), g))
+    return torch.complex(x[:, :M], x[:, M:])  # Re(R p^n) = Re R Re p^n - Im R Im p^n
 
 
 def _default_poles(C, d, dtype, device):
@@ -301,8 +305,7 @@ def _gram_and_projection(mag_log, theta, g):
     s_pp, s_pc = geometric(p, pN), geometric(p.conj(), pN.conj())
     re_re, im_im, re_im = (s_pp.real + s_pc.real) / 2, (s_pc.real - s_pp.real) / 2, (s_pp.imag - s_pc.imag) / 2
     gram = torch.cat([torch.cat([re_re, -re_im], 2), torch.cat([-re_im.transpose(1, 2), im_im], 2)], 1)
-    n = torch.arange(N, dtype=g.dtype, device=g.device)
-    proj = torch.einsum('cdn,cn->cd', torch.exp(logp.unsqueeze(-1) * n), g.to(logp.dtype))  # sum_n g_n p^n
+    proj = torch.einsum('cdn,cn->cd', _powers(p, N), g.to(p.dtype))  # sum_n g_n p^n
     return gram, torch.cat([proj.real, -proj.imag], 1)
 
 
@@ -314,7 +317,6 @@ def _refine(g, h_norm, p, iters, lr, max_radius):
     C, N = g.shape
     d = p.shape[1]
     min_decay = -math.log(max_radius)
-    eye = torch.eye(2 * d, dtype=g.dtype, device=g.device)
     out = []
     step = max(1, CHUNK_ELEMENTS // (8 * d * N))
     for s in range(0, C, step):
@@ -328,8 +330,7 @@ def _refine(g, h_norm, p, iters, lr, max_radius):
             for group in opt.param_groups:  # cosine decay to 0
                 group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * it / iters))
             gram, proj = _gram_and_projection(-(min_decay + F.softplus(a)), theta, gc)
-            scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)[:, None, None]
-            x = torch.linalg.solve(gram + RIDGE * scale * eye, proj.unsqueeze(-1)).squeeze(-1)
+            x = _ridge_solve(gram, proj)
             # ||gc - A x||^2 without A: ||gc||^2 - 2 x.A^T gc + x.A^T A x
             loss = (gc_sq - 2 * (x * proj).sum(1) + (x * (gram @ x.unsqueeze(-1)).squeeze(-1)).sum(1)).sum()
             opt.zero_grad(set_to_none=True)
