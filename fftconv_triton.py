@@ -67,7 +67,7 @@ if triton is not None:
     def _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1: tl.constexpr, N2: tl.constexpr):
         """The DFT matrices and twiddles of _mfft_consts: F_N1's first N1/2 columns (stage one of the forward:
         the input's upper half is zero) and first N1/2 rows (last stage of the inverse: only the first half of
-        the output is kept), F_N2, T."""
+        the output is kept), F_N2, T; and t, the time index of a row seen as an (N1/2, N2) matrix."""
         H1: tl.constexpr = N1 // 2
         i1 = tl.arange(0, N1)
         h1 = tl.arange(0, H1)
@@ -79,7 +79,8 @@ if triton is not None:
         F2r = tl.load(f2r_ptr + i2[:, None] * N2 + i2[None, :])
         F2i = tl.load(f2i_ptr + i2[:, None] * N2 + i2[None, :])
         mat = i1[:, None] * N2 + i2[None, :]
-        return F1hr, F1hi, F1tr, F1ti, F2r, F2i, tl.load(tr_ptr + mat), tl.load(ti_ptr + mat)
+        t = h1[:, None] * N2 + i2[None, :]  # time index of the (N1/2, N2) input / output layout
+        return F1hr, F1hi, F1tr, F1ti, F2r, F2i, tl.load(tr_ptr + mat), tl.load(ti_ptr + mat), t
 
     @triton.jit
     def _mfft_row_pair(b0, has_second, c, B, C, L, tmask):
@@ -95,17 +96,13 @@ if triton is not None:
         conv(u_b, k) + i conv(u_b', k), so the real and imaginary parts of the result are the two outputs."""
         c = tl.program_id(0)
         pb = tl.program_id(1)
-        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti = _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr,
-                                                                     ti_ptr, N1, N2)
-        H1: tl.constexpr = N1 // 2
-        h1 = tl.arange(0, H1)
-        i2 = tl.arange(0, N2)
-        mat = tl.arange(0, N1)[:, None] * N2 + i2[None, :]
+        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti, t = _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr,
+                                                                        tr_ptr, ti_ptr, N1, N2)
+        tmask = t < L
+        mat = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
         Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
         Ki = tl.load(ki_ptr + c * (N1 * N2) + mat)
         dc = tl.load(d_ptr + c)
-        t = h1[:, None] * N2 + i2[None, :]
-        tmask = t < L
         for r in range(0, ROWS, 2):
             base0, base1, m0, m1 = _mfft_row_pair(pb * ROWS + r, r + 1 < ROWS, c, B, C, L, tmask)
             xr = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
@@ -127,15 +124,12 @@ if triton is not None:
         where X is the spectrum of a real signal too, so Re(IDFT(.)) is the sum of the two correlations."""
         c = tl.program_id(0)
         pb = tl.program_id(1)
-        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti = _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr,
-                                                                     ti_ptr, N1, N2)
-        H1: tl.constexpr = N1 // 2
-        h1 = tl.arange(0, H1)
-        i2 = tl.arange(0, N2)
-        t = h1[:, None] * N2 + i2[None, :]
+        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti, t = _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr,
+                                                                        tr_ptr, ti_ptr, N1, N2)
         tmask = t < L
         sr = tl.zeros([N1, N2], dtype=tl.float32)
         si = tl.zeros([N1, N2], dtype=tl.float32)
+        H1: tl.constexpr = N1 // 2
         dd = tl.zeros([H1, N2], dtype=tl.float32)
         for r in range(0, ROWS, 2):
             base0, base1, m0, m1 = _mfft_row_pair(pb * ROWS + r, r + 1 < ROWS, c, B, C, L, tmask)
