@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hyena import HyenaOperator
+from hyena import HyenaOperator, fft_size
 
 MAX_RADIUS = 0.9999  # |p| <= this: time constant <= 1e4 tokens, the fp32 state stays well conditioned
 RIDGE = 1e-12  # relative ridge of the least-squares residue solve (nearly equal poles make it singular)
@@ -209,19 +209,26 @@ def _hankel_subspace(g, cols, rank, power_iters=4, oversample=10):
     """Orthonormal basis (C, cols, rank) of the dominant right singular subspace of the Hankel matrices
     H[c, i, j] = g[c, i + j] (C, N - cols + 1, cols), by a randomized range finder with power iterations
     (Halko et al. 2011) and a Rayleigh-Ritz step: a few products with H instead of a full SVD or an
-    eigendecomposition of a cols x cols matrix per channel, both slow for cols ~ L/2. Chunked over
-    channels; the random start is seeded, so fits are reproducible."""
+    eigendecomposition of a cols x cols matrix per channel, both slow for cols ~ L/2. H is never formed:
+    H v and H^T w are both cross-correlations of g, out[i] = sum_t g[i + t] v[t], done by FFT in
+    O(N log N) per vector instead of O(N cols). Chunked over channels; the random start is seeded, so fits
+    are reproducible."""
     C, N = g.shape
     k = min(rank + oversample, cols)
+    n = fft_size(N)  # >= N: the correlations' lags reach N - 1 at most, so nothing wraps around
     gen = torch.Generator(device=g.device).manual_seed(0)
     out = []
-    step = max(1, CHUNK_ELEMENTS // ((N - cols + 1) * cols))
+    step = max(1, CHUNK_ELEMENTS // (k * n))
     for s in range(0, C, step):
-        H = g[s:s + step].unfold(-1, cols, 1).contiguous()
-        Q = torch.randn(H.shape[0], cols, k, generator=gen, device=g.device, dtype=g.dtype)
+        spectrum = torch.fft.rfft(g[s:s + step], n=n).unsqueeze(1)  # (c, 1, n // 2 + 1)
+
+        def correlate(v):  # (c, T, k) -> (c, N - T + 1, k): H v for T = cols, H^T v for T = N - cols + 1
+            w = torch.fft.irfft(spectrum * torch.fft.rfft(v.transpose(1, 2), n=n).conj(), n=n)
+            return w[..., :N - v.shape[1] + 1].transpose(1, 2)
+        Q = torch.randn(spectrum.shape[0], cols, k, generator=gen, device=g.device, dtype=g.dtype)
         for _ in range(power_iters):
-            Q = torch.linalg.qr(H.transpose(1, 2) @ (H @ Q)).Q
-        HQ = H @ Q
+            Q = torch.linalg.qr(correlate(correlate(Q))).Q
+        HQ = correlate(Q)
         _, W = torch.linalg.eigh(HQ.transpose(1, 2) @ HQ)  # ascending
         out.append(Q @ W[..., -rank:])
     return torch.cat(out)
