@@ -120,6 +120,19 @@ def test_closed_form_gram_matches_the_explicit_design():
     assert torch.allclose(proj, (A.transpose(1, 2) @ g.unsqueeze(-1)).squeeze(-1), rtol=1e-9, atol=1e-9)
 
 
+def test_hankel_range_finder_spans_the_top_singular_subspace():
+    # the FFT-based products with H must give what an SVD of the formed Hankel matrix gives
+    gen = torch.Generator().manual_seed(6)
+    p, R, _ = random_modes(3, 4, gen)
+    g = modal_taps(p, R, torch.zeros(3, dtype=torch.float64), 201)[:, 1:]  # rank <= 8 per channel
+    g = g + 1e-6 * torch.randn(g.shape, generator=gen, dtype=torch.float64)
+    V = recurrent._hankel_subspace(g, 100, 8)
+    _, _, Vh = torch.linalg.svd(g.unfold(-1, 100, 1))
+    top = Vh[:, :8].transpose(1, 2)  # (C, cols, 8)
+    assert torch.allclose(V.transpose(1, 2) @ V, torch.eye(8, dtype=torch.float64).expand(3, 8, 8), atol=1e-9)
+    assert (top - V @ (V.transpose(1, 2) @ top)).norm() < 1e-4  # same subspace
+
+
 def test_fit_error_decreases_as_d_state_grows():
     torch.manual_seed(3)
     with torch.no_grad():
