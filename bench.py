@@ -724,8 +724,9 @@ def section_profile():
         opts = parse_variant(spec)
         why = triton_unavailable(opts, profile_block)
         if why:
-            rows.append({'variant': spec, 'block': profile_block, 'rank': '-', 'kernel': why,
-                         'calls/step': '-', 'ms/step': '-', '% of step': '-'})
+            row = {'variant': spec, 'block': profile_block, 'kernel': why}
+            fill(row, columns, '-')
+            rows.append(row)
             continue
         with hyena_settings(opts):
             step, model = build_train_step(opts['kind'], profile_block, batch)

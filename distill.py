@@ -386,15 +386,16 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
              if i not in student.config.hyena_layers]
     for i in fresh:
         replace_with_hyena(student, i)
+    # where a replaced layer's inputs come from: the student's own stream (progressive align) or the teacher's
+    stream_model = student if stage_name == 'align' and align_mode == 'progressive' else teacher_model
     if fresh and match_output_scale:  # on the phase's first batch (the same one after a resume)
         with prec.ctx:
-            match_scales(fresh, student if align_mode == 'progressive' and stage_name == 'align' else teacher_model,
-                         data.get_batch('train', (batch_offset[stage_name] + phase_start) * accum)[0])
+            first_batch = data.get_batch('train', (batch_offset[stage_name] + phase_start) * accum)[0]
+            match_scales(fresh, stream_model, first_batch)
     if stage_name == 'align':
         student.requires_grad_(False)
         for i in train_layers:
             student.transformer.h[i].mixer.requires_grad_(True)
-        stream_model = student if align_mode == 'progressive' else teacher_model
         run_model, lr_max, raw = student, align_lr, student
     elif stage_name == 'kd':
         student.requires_grad_(not kd_freeze_copied)
