@@ -16,15 +16,17 @@ correlation), and a second kernel for grad_k = sum_b IDFT(conj(U_b) G_b) and gra
 the batch in registers.
 """
 import contextlib
+import functools
 import math
 import os
 
 import torch
 
 TRITON_DOT = 'tf32'     # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee' (exact fp32)
-TRITON_MAX_N = 4096     # largest FFT size the Triton kernel takes (registers); longer inputs use 'fast'
-TRITON_NUM_WARPS = 0    # 0: by FFT size
-TRITON_ROWS = 0         # batch rows per program (0: enough programs to fill the GPU)
+TRITON_MAX_N = 4096     # largest FFT size of the one-kernel path (registers); longer inputs take the four-step path
+TRITON_INNER_N = 1024   # four-step path: the length of the row FFTs done in registers (N = N_outer * TRITON_INNER_N)
+TRITON_NUM_WARPS = 0    # 0: 4 (measured on the H200: 8 warps were 2x slower at every size)
+TRITON_ROWS = 0         # rows per program (0: 16, or fewer when there are few)
 _TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
 _TRITON_POISON = False  # tests: fill kernel outputs with NaN first, so an unwritten element shows
 _MFFT_CONSTS = {}
@@ -148,6 +150,102 @@ if triton is not None:
         tl.store(gk_ptr + out * Lk + t, gk, mask=t < Lk)
         tl.store(gd_ptr + out, tl.sum(tl.sum(dd, axis=1), axis=0))
 
+    # ---- four-step path (N > TRITON_MAX_N): the row kernels between the outer matmuls of _FourStepFFTConv ----
+    @triton.jit
+    def _mfft_full_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1: tl.constexpr, N2: tl.constexpr):
+        """All of F_N1, F_N2 and T (a full complex row, no zero half), and the row-major index of (N1, N2)."""
+        i1 = tl.arange(0, N1)
+        i2 = tl.arange(0, N2)
+        sq1 = i1[:, None] * N1 + i1[None, :]
+        sq2 = i2[:, None] * N2 + i2[None, :]
+        mat = i1[:, None] * N2 + i2[None, :]
+        return (tl.load(f1r_ptr + sq1), tl.load(f1i_ptr + sq1), tl.load(f2r_ptr + sq2), tl.load(f2i_ptr + sq2),
+                tl.load(tr_ptr + mat), tl.load(ti_ptr + mat), mat)
+
+    @triton.jit
+    def _mfft_outer_twiddle(ko, mat, N):
+        """exp(-2 pi i ko n / N) for the row ko of the outer step, n = the inner index (the four-step twiddle)."""
+        angle = ((ko * mat) % N).to(tl.float32) * (-6.283185307179586 / N)
+        return tl.cos(angle), tl.sin(angle)
+
+    @triton.jit
+    def _mfft_load_row(a_ptr, off, half, mask, wr, wi):
+        """Row (re at off, im at off + half) times the twiddle w, in fp32."""
+        xr = tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        xi = tl.load(a_ptr + off + half, mask=mask, other=0.0).to(tl.float32)
+        return xr * wr - xi * wi, xr * wi + xi * wr
+
+    @triton.jit
+    def _mfft_inverse_store(z_ptr, off, half, mask, yr, yi, wr, wi, F1r, F1i, F2r, F2i, Tr, Ti,
+                            PREC: tl.constexpr):
+        """Unnormalized inverse DFT of the (k1, k2) spectrum y, times conj(w), stored as (re, im) rows."""
+        er, ei = _mfft_inverse_stage2(yr, yi, Tr, Ti, F2r, F2i, PREC)
+        zr = _mfft_dot(F1r, er, PREC) + _mfft_dot(F1i, ei, PREC)
+        zi = _mfft_dot(F1r, ei, PREC) - _mfft_dot(F1i, er, PREC)
+        tl.store(z_ptr + off, (zr * wr + zi * wi).to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_ptr + off + half, (zi * wr - zr * wi).to(z_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _mfft_rows_kernel(a_ptr, z_ptr, k_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, n_rows, C, H, N,
+                          ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, MODE: tl.constexpr,
+                          PREC: tl.constexpr):
+        """Rows q = (r, ko) of a (R, 2H + 2, N1 * N2) tensor: [r, ko] holds the real part of the outer step's row
+        ko (0 <= ko <= H), [r, H + 1 + ko] its imaginary part. Each row is twiddled and transformed (the inner
+        DFT); MODE 'fft' stores the spectrum, MODE 'conv' / 'adjoint' multiplies it by K[r % C, ko] (or conj(K))
+        and stores the twiddled inverse (unnormalized: the outer inverse matmul scales by 1/N)."""
+        F1r, F1i, F2r, F2i, Tr, Ti, mat = _mfft_full_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                                                            N1, N2)
+        half = (H + 1) * (N1 * N2)
+        for j in range(ROWS):
+            q = tl.program_id(0) * ROWS + j
+            r = q // (H + 1)
+            ko = q % (H + 1)
+            mask = (mat >= 0) & (q < n_rows)
+            off = (r * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
+            wr, wi = _mfft_outer_twiddle(ko, mat, N)
+            xr, xi = _mfft_load_row(a_ptr, off, half, mask, wr, wi)
+            cr, ci = _mfft_forward(xr, xi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
+            if MODE == 'fft':
+                tl.store(z_ptr + off, cr.to(z_ptr.dtype.element_ty), mask=mask)
+                tl.store(z_ptr + off + half, ci.to(z_ptr.dtype.element_ty), mask=mask)
+            else:
+                k_off = ((r % C) * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
+                Kr = tl.load(k_ptr + k_off, mask=mask, other=0.0).to(tl.float32)
+                Ki = tl.load(k_ptr + k_off + half, mask=mask, other=0.0).to(tl.float32)
+                if MODE == 'adjoint':  # grad u: the correlation, conj(K)
+                    Ki = -Ki
+                _mfft_inverse_store(z_ptr, off, half, mask, cr * Kr - ci * Ki, cr * Ki + ci * Kr, wr, wi,
+                                    F1r, F1i, F2r, F2i, Tr, Ti, PREC)
+
+    @triton.jit
+    def _mfft_rows_grad_k_kernel(au_ptr, ag_ptr, s_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                                 B, C, H, N, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                                 PREC: tl.constexpr):
+        """Program (c, ko), batch rows pb * ROWS ...: S[pb, c, ko] = twiddled inverse of sum_b conj(U[b, c, ko])
+        G[b, c, ko], with U and G the inner spectra of the outer-step rows of u and g (layout as
+        _mfft_rows_kernel); summed over pb and through the outer inverse matmul, the filter's gradient."""
+        F1r, F1i, F2r, F2i, Tr, Ti, mat = _mfft_full_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                                                            N1, N2)
+        c = tl.program_id(0) // (H + 1)
+        ko = tl.program_id(0) % (H + 1)
+        pb = tl.program_id(1)
+        half = (H + 1) * (N1 * N2)
+        wr, wi = _mfft_outer_twiddle(ko, mat, N)
+        sr = tl.zeros([N1, N2], dtype=tl.float32)
+        si = tl.zeros([N1, N2], dtype=tl.float32)
+        for j in range(ROWS):
+            b = pb * ROWS + j
+            mask = (mat >= 0) & (b < B)
+            off = ((b * C + c) * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
+            ur, ui = _mfft_load_row(au_ptr, off, half, mask, wr, wi)
+            ur, ui = _mfft_forward(ur, ui, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
+            gr, gi = _mfft_load_row(ag_ptr, off, half, mask, wr, wi)
+            gr, gi = _mfft_forward(gr, gi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
+            sr += ur * gr + ui * gi
+            si += ur * gi - ui * gr
+        off = ((pb * C + c) * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
+        _mfft_inverse_store(s_ptr, off, half, mat >= 0, sr, si, wr, wi, F1r, F1i, F2r, F2i, Tr, Ti, PREC)
+
 
 def _mfft_plan(L):
     """FFT size N >= 2L (a power of two, >= 512 so every matmul dimension is >= 16) and N = N1 * N2, N1 >= N2."""
@@ -171,18 +269,58 @@ def _mfft_consts(N1, N2, device):
     return _MFFT_CONSTS[key]
 
 
-def _mfft_launch(B, C, N):
-    """Batch rows per program and warps per program: enough programs to fill the GPU a few times over."""
-    rows = TRITON_ROWS or 2 * max(1, -(-B * C // 4096))  # even: rows go through the FFT in pairs
-    warps = TRITON_NUM_WARPS or (4 if N <= 1024 else 8)
-    return min(rows, B), warps
+def _mfft_launch(n_rows):
+    """Rows per program (even: the one-kernel path takes rows in pairs) and warps per program. 4 warps and
+    16 rows were the fastest on the H200 at L = 1K and 2K (2x the 8 warps of the first version; .dev sweep in
+    BENCHMARKS.md); fewer rows only when there are few."""
+    rows = TRITON_ROWS or 16
+    return max(1, min(rows, n_rows)), TRITON_NUM_WARPS or 4
+
+
+def _four_step_plan(L):
+    """Four-step FFT of size N = 2H * Ni (N >= 2L, powers of two): an outer DFT of size 2H over rows of Ni
+    (a matmul; the input's last H rows are zero) and inner DFTs of size Ni = N1 * N2 in the row kernels."""
+    Ni = TRITON_INNER_N
+    if Ni < 256 or Ni & (Ni - 1):
+        raise ValueError(f"fftconv_triton: TRITON_INNER_N must be a power of two >= 256, got {Ni}")
+    N = max(2 ** math.ceil(math.log2(2 * L)), 2 * Ni)
+    return (N, Ni, N // Ni // 2) + _inner_split(Ni)
+
+
+def _inner_split(Ni):
+    """Ni = N1 * N2, powers of two, N1 >= N2."""
+    N1 = 2 ** (Ni.bit_length() // 2)
+    return N1, Ni // N1
+
+
+def _outer_matrices(H, N, device, dtype):
+    """The outer DFT of a real input, its first H + 1 frequencies stacked as [cos; -sin] (2H + 2, H), and its
+    inverse (H, 2H + 2) for a Hermitian spectrum: y[n] = (1/N) sum_k w_k (Zr[k] cos - Zi[k] sin)(2 pi n k / 2H),
+    with w_k = 2 except at k = 0 and k = H, whose conjugate partners are themselves."""
+    key = ('outer', H, N, str(device), dtype)
+    if key not in _MFFT_CONSTS:
+        n = torch.arange(H, dtype=torch.float64)
+        f = torch.arange(H + 1, dtype=torch.float64)
+        angle = 2 * math.pi * torch.outer(f, n) / (2 * H)  # (H + 1, H)
+        forward = torch.cat([angle.cos(), -angle.sin()])
+        w = torch.full((H + 1, 1), 2.0, dtype=torch.float64)
+        w[0] = w[H] = 1.0
+        inverse = torch.cat([w * angle.cos(), -w * angle.sin()]).t() / N
+        _MFFT_CONSTS[key] = (forward.to(device, dtype), inverse.contiguous().to(device, dtype))
+    return _MFFT_CONSTS[key]
 
 
 def applies(u, k, D):
     return (triton is not None and u.dim() == 3 and k.dim() == 2 and k.shape[0] == u.shape[1]
             and (D is None or tuple(D.shape) == (u.shape[1],))
-            and u.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and (u.is_cuda or _TRITON_INTERPRET) and _mfft_plan(u.shape[-1])[0] <= TRITON_MAX_N)
+            and u.dtype in (torch.float32, torch.bfloat16, torch.float16) and (u.is_cuda or _TRITON_INTERPRET))
+
+
+def fftconv(u, k, D):
+    """hyena.fftconv's 'triton' path: one kernel per direction up to N = TRITON_MAX_N, the four-step path above."""
+    if _mfft_plan(u.shape[-1])[0] <= TRITON_MAX_N:
+        return MonarchFFTConv.apply(u, k, D)
+    return FourStepFFTConv.apply(u, k, D)
 
 
 def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
@@ -208,6 +346,29 @@ def _mfft_corr_impl(u, g, N1, N2, Lk, prec, rows, warps):
     return gk, gd
 
 
+def _mfft_rows_impl(a, k, C, H, N, mode, prec, rows, warps):
+    R, _, Ni = a.shape
+    N1, N2 = _inner_split(Ni)
+    z = torch.full_like(a, float('nan')) if _TRITON_POISON else torch.empty_like(a)
+    n_rows = R * (H + 1)
+    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+        _mfft_rows_kernel[(-(-n_rows // rows),)](a, z, k, *_mfft_consts(N1, N2, a.device), n_rows, C, H, N, rows,
+                                                 N1=N1, N2=N2, MODE=mode, PREC=prec, num_warps=warps)
+    return z
+
+
+def _mfft_rows_grad_k_impl(au, ag, B, C, H, N, prec, rows, warps):
+    Ni = au.shape[-1]
+    N1, N2 = _inner_split(Ni)
+    nb = -(-B // rows)
+    make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
+    s = make((nb, C, 2 * H + 2, Ni), device=au.device, dtype=torch.float32)
+    with torch.cuda.device(au.device) if au.is_cuda else contextlib.nullcontext():
+        _mfft_rows_grad_k_kernel[(C * (H + 1), nb)](au, ag, s, *_mfft_consts(N1, N2, au.device), B, C, H, N, rows,
+                                                    N1=N1, N2=N2, PREC=prec, num_warps=warps)
+    return s.sum(0)
+
+
 if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
     # Custom ops: opaque to torch.compile, which fuses the gates around them but never traces the launches.
     @torch.library.custom_op('hyena::mfft_conv', mutates_args=())
@@ -230,6 +391,25 @@ if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
         return u.new_empty(nb, u.shape[1], lk, dtype=torch.float32), u.new_empty(nb, u.shape[1], dtype=torch.float32)
 
 
+    @torch.library.custom_op('hyena::mfft_rows', mutates_args=())
+    def _mfft_rows_op(a: torch.Tensor, k: torch.Tensor, c: int, h: int, n: int, mode: str, prec: str, rows: int,
+                      warps: int) -> torch.Tensor:
+        return _mfft_rows_impl(a, k, c, h, n, mode, prec, rows, warps)
+
+    @_mfft_rows_op.register_fake
+    def _(a, k, c, h, n, mode, prec, rows, warps):
+        return torch.empty_like(a)
+
+    @torch.library.custom_op('hyena::mfft_rows_grad_k', mutates_args=())
+    def _mfft_rows_grad_k_op(au: torch.Tensor, ag: torch.Tensor, b: int, c: int, h: int, n: int, prec: str,
+                             rows: int, warps: int) -> torch.Tensor:
+        return _mfft_rows_grad_k_impl(au, ag, b, c, h, n, prec, rows, warps)
+
+    @_mfft_rows_grad_k_op.register_fake
+    def _(au, ag, b, c, h, n, prec, rows, warps):
+        return au.new_empty((c, 2 * h + 2, au.shape[-1]), dtype=torch.float32)
+
+
 class MonarchFFTConv(torch.autograd.Function):
     """fftconv through the Triton kernels (impl 'triton'): u (B, C, L) contiguous, k (C, Lk), D (C,) or None.
     Saves only u and the filter's spectrum; the backward recomputes the row FFTs inside the kernels."""
@@ -238,7 +418,7 @@ class MonarchFFTConv(torch.autograd.Function):
     def forward(ctx, u, k, D):
         B, C, L = u.shape
         N, N1, N2 = _mfft_plan(L)
-        rows, warps = _mfft_launch(B, C, N)
+        rows, warps = _mfft_launch(B)
         with torch.autocast(device_type=u.device.type, enabled=False):
             k_f = torch.fft.fft(k.float(), n=N).view(C, N2, N1).transpose(1, 2)  # [c, k1, k2] = K[k1 + N1 k2]
             kr, ki = k_f.real.contiguous(), k_f.imag.contiguous()
@@ -261,4 +441,65 @@ class MonarchFFTConv(torch.autograd.Function):
             gk, gd = torch.ops.hyena.mfft_corr(u, g, N1, N2, Lk, prec, rows, warps)
             grad_k = gk.sum(0).to(k_dtype)
             grad_D = gd.sum(0).to(d_dtype) if d_dtype is not None else None
+        return grad_u, grad_k, grad_D
+
+
+def _outer_rows(x, H, Ni, dtype):
+    """(R, L) real -> (R, 2H + 2, Ni): the outer DFT (size 2H) of x zero-padded to H * Ni, one matmul."""
+    forward, _ = _outer_matrices(H, 2 * H * Ni, x.device, dtype)
+    return torch.matmul(forward, torch.nn.functional.pad(x.to(dtype), (0, H * Ni - x.shape[-1])).view(-1, H, Ni))
+
+
+def _outer_inverse(z, H, n_out):
+    """(R, 2H + 2, Ni) from the row kernels -> (R, n_out) real: the outer inverse DFT, scaled by 1/N."""
+    Ni = z.shape[-1]
+    _, inverse = _outer_matrices(H, 2 * H * Ni, z.device, z.dtype)
+    return torch.matmul(inverse, z).view(-1, H * Ni)[:, :n_out]
+
+
+class FourStepFFTConv(torch.autograd.Function):
+    """fftconv for N > TRITON_MAX_N (u (B, C, L), k (C, Lk), D (C,) or None). The four-step FFT (Bailey 1990;
+    the Monarch view of FlashFFTConv, arXiv:2311.05908 §3.2): the signal zero-padded to N = 2H * Ni is an
+    (2H, Ni) matrix whose last H rows are zero; an outer DFT over its columns (a cuBLAS matmul, keeping the
+    H + 1 frequencies a real input needs), a twiddle, then row DFTs of size Ni, the product with the filter's
+    spectrum and the inverse row DFTs fused in one Triton kernel (_mfft_rows_kernel, in registers), and the
+    outer inverse as a second matmul. The skip term D is folded into the filter's first tap (conv(u, k) + D u =
+    conv(u, k + D delta)), so grad D is grad k[:, 0]. Intermediates are bf16 when TRITON_DOT is 'bf16'."""
+
+    @staticmethod
+    def forward(ctx, u, k, D):
+        B, C, L = u.shape
+        N, Ni, H, _, _ = _four_step_plan(L)
+        dtype = torch.bfloat16 if TRITON_DOT == 'bf16' else torch.float32
+        rows, warps = _mfft_launch(B * C * (H + 1))
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            taps = k.float()
+            if D is not None:
+                taps = torch.cat([taps[:, :1] + D.float()[:, None], taps[:, 1:]], dim=1)
+            spectrum = torch.ops.hyena.mfft_rows(_outer_rows(taps, H, Ni, dtype), taps, C, H, N, 'fft', TRITON_DOT,
+                                                 rows, warps)
+            z = torch.ops.hyena.mfft_rows(_outer_rows(u.reshape(B * C, L), H, Ni, dtype), spectrum, C, H, N, 'conv',
+                                          TRITON_DOT, rows, warps)
+            y = _outer_inverse(z, H, L).reshape(B, C, L).to(u.dtype)
+        ctx.save_for_backward(u, spectrum)
+        ctx.cfg = (N, H, Ni, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, spectrum = ctx.saved_tensors
+        N, H, Ni, Lk, prec, rows, warps, k_dtype, d_dtype = ctx.cfg
+        B, C, L = u.shape
+        grad_u = grad_k = grad_D = None
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            g_rows = _outer_rows(grad_y.reshape(B * C, L), H, Ni, spectrum.dtype)
+            if ctx.needs_input_grad[0]:
+                z = torch.ops.hyena.mfft_rows(g_rows, spectrum, C, H, N, 'adjoint', prec, rows, warps)
+                grad_u = _outer_inverse(z, H, L).reshape(B, C, L).to(u.dtype)
+            if ctx.needs_input_grad[1] or (d_dtype is not None and ctx.needs_input_grad[2]):
+                u_rows = _outer_rows(u.reshape(B * C, L), H, Ni, spectrum.dtype)
+                s = torch.ops.hyena.mfft_rows_grad_k(u_rows, g_rows, B, C, H, N, prec, min(rows, B), warps)
+                grad_taps = _outer_inverse(s, H, Lk)
+                grad_k = grad_taps.to(k_dtype)
+                grad_D = grad_taps[:, 0].to(d_dtype) if d_dtype is not None else None
         return grad_u, grad_k, grad_D

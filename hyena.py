@@ -30,7 +30,7 @@ FFT_SIZE = 'smooth'     # fft_size(): 'smooth' (even 2^a 3^b 5^c, least padding)
 FFTCONV_IMPL = 'fast'   # fftconv(): 'plain' (autograd through torch.fft, the reference), 'fast' (custom autograd
 #                         Function whose backward reuses the forward spectra and uses irfft, not autograd's
 #                         full complex FFT), 'triton' (fused FFT conv as matmuls, FlashFFTConv-style; CUDA,
-#                         L <= fftconv_triton.TRITON_MAX_N / 2, else it falls back to 'fast')
+#                         one kernel up to L = fftconv_triton.TRITON_MAX_N / 2, four-step beyond; 'fast' on CPU)
 SHORT_CONV = 'auto'     # short_conv(): 'conv1d' (cuDNN depthwise), 'shift' (K shifted multiply-adds, which
 #                         torch.compile fuses with the gates and transposes), 'shift_t' (the same after one
 #                         copy to (B, C, L); not yet measured on a GPU), 'auto' (shift when compiling)
@@ -85,7 +85,7 @@ def fftconv(u, k, D=None, impl=None):
     if impl == 'plain':
         return fftconv_reference(u, k, D)
     if impl == 'triton' and fftconv_triton.applies(u, k, D):
-        return fftconv_triton.MonarchFFTConv.apply(u, k, D)
+        return fftconv_triton.fftconv(u, k, D)
     if impl in ('fast', 'triton'):
         return _FFTConv.apply(u, k, D, fft_size(L + Lk - 1))
     raise ValueError(f"fftconv: impl must be 'plain', 'fast' or 'triton', got {impl!r}")

@@ -234,6 +234,21 @@ TRITON_SCRIPT = textwrap.dedent('''
                 assert rel(a, b) < 1e-2, rel(a, b)
         assert out[0].dtype == out[1].dtype == dtype
     assert worst < 1e-5, worst
+    # past TRITON_MAX_N the four-step path (outer DFT matmuls around the row kernels); small sizes so the
+    # interpreter sees it: every length here is four-step, with 1, 2 and 4 outer frequencies pairs (H)
+    fftconv_triton.TRITON_MAX_N, fftconv_triton.TRITON_INNER_N = 256, 256
+    for (B, C, L, Lk, withD, dtype, rows) in [(2, 3, 100, 100, True, torch.float32, 0),
+                                              (1, 2, 300, 77, False, torch.float32, 0),
+                                              (3, 2, 1000, 1000, True, torch.float32, 2),
+                                              (2, 2, 257, 200, True, torch.bfloat16, 0)]:
+        fftconv_triton.TRITON_ROWS = rows
+        u, k, g = torch.randn(B, C, L).to(dtype), torch.randn(C, Lk), torch.randn(B, C, L).to(dtype)
+        D = torch.randn(C) if withD else None
+        ref = grads('plain', u.double(), k.double(), D.double() if withD else None, g.double())
+        out = grads('triton', u, k, D, g)
+        for a, b in zip(out, ref):
+            assert rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-2), (L, rel(a, b))
+    fftconv_triton.TRITON_MAX_N, fftconv_triton.TRITON_INNER_N, fftconv_triton.TRITON_ROWS = 4096, 1024, 0
     hyena.FFTCONV_IMPL = 'plain'
     op = HyenaOperator(16, l_max=64)
     x = torch.randn(2, 64, 16, requires_grad=True)
@@ -249,7 +264,8 @@ TRITON_SCRIPT = textwrap.dedent('''
 
 
 def test_triton_fftconv_in_the_interpreter_matches_the_reference():
-    """The Triton kernels (forward, grad u, grad k / grad D) run on CPU through Triton's interpreter."""
+    """The Triton kernels (forward, grad u, grad k / grad D; one-kernel and four-step paths) run on CPU through
+    Triton's interpreter."""
     pytest.importorskip('triton')
     env = dict(os.environ, TRITON_INTERPRET='1')
     proc = subprocess.run([sys.executable, '-c', f'REPO = {REPO!r}\n' + TRITON_SCRIPT], cwd=REPO, env=env,
