@@ -55,8 +55,9 @@ n_head = 12
 n_embd = 768
 vocab_size = 50304
 # speed knobs of hyena.py that are not per-variant
-triton_max_n = 4096  # fftconv_triton.TRITON_MAX_N: largest FFT size the Triton kernel takes (L <= triton_max_n / 2)
-triton_num_warps = 0  # fftconv_triton.TRITON_NUM_WARPS (0: by size)
+triton_max_n = 4096  # fftconv_triton.TRITON_MAX_N: largest FFT size of the one-kernel path (four-step beyond)
+triton_inner_n = 1024  # fftconv_triton.TRITON_INNER_N: row FFT size of the four-step path
+triton_num_warps = 0  # fftconv_triton.TRITON_NUM_WARPS (0: 4)
 triton_rows = 0  # fftconv_triton.TRITON_ROWS (0: auto)
 # check: CUDA correctness of every fast path against an fp64 reference, compiled against eager under bf16
 check_lengths = [1000, 2048, 16384]
@@ -268,8 +269,8 @@ def parse_variant(spec):
 @contextlib.contextmanager
 def hyena_settings(opts):
     new = {hyena: dict(FFTCONV_IMPL=opts['impl'], FFT_SIZE=opts['fft'], SHORT_CONV=opts['short']),
-           fftconv_triton: dict(TRITON_DOT=opts['dot'], TRITON_MAX_N=triton_max_n, TRITON_NUM_WARPS=triton_num_warps,
-                                TRITON_ROWS=triton_rows)}
+           fftconv_triton: dict(TRITON_DOT=opts['dot'], TRITON_MAX_N=triton_max_n, TRITON_INNER_N=triton_inner_n,
+                                TRITON_NUM_WARPS=triton_num_warps, TRITON_ROWS=triton_rows)}
     old = {module: {k: getattr(module, k) for k in values} for module, values in new.items()}
     for module, values in new.items():
         for k, v in values.items():
@@ -282,8 +283,8 @@ def hyena_settings(opts):
                 setattr(module, k, v)
 
 
-def triton_unavailable(opts, L):
-    """Why the Triton kernel would not run for length L (fftconv would fall back to 'fast'), or None."""
+def triton_unavailable(opts):
+    """Why the Triton kernels would not run (fftconv would fall back to 'fast'), or None."""
     if opts['impl'] != 'triton':
         return None
     if fftconv_triton.triton is None:
@@ -292,8 +293,6 @@ def triton_unavailable(opts, L):
         return 'n/a: triton needs CUDA'
     if not CUDA and opts['dot'] == 'bf16':
         return 'n/a: the Triton interpreter cannot do bf16 dots'
-    if fftconv_triton._mfft_plan(L)[0] > triton_max_n:
-        return f'n/a: L > triton_max_n/2 ({triton_max_n // 2})'
     return None
 
 
@@ -429,7 +428,7 @@ def section_check():
         for L in check_lengths:
             for dtype in (torch.float32, torch.bfloat16):
                 row = {'impl': spec, 'L': L, 'dtype': str(dtype).replace('torch.', '')}
-                why = triton_unavailable(opts, L)
+                why = triton_unavailable(opts)
                 if why:
                     row.update({c: why for c in columns[3:]})
                     rows.append(row)
@@ -485,7 +484,7 @@ def section_check():
     for spec in check_op_variants:
         opts = parse_variant(spec)
         row = {'variant': spec, 'L': L}
-        why = triton_unavailable(opts, L) or compile_unavailable(opts)
+        why = triton_unavailable(opts) or compile_unavailable(opts)
         if why or isinstance(ref, Exception):
             row.update({c: why or error_cell(ref) for c in op_columns[2:]})
             rows.append(row)
@@ -547,7 +546,7 @@ def section_mixer():
             rows.append(row)
             continue
         for spec, opts in specs:
-            why = triton_unavailable(opts, L) or compile_unavailable(opts)
+            why = triton_unavailable(opts) or compile_unavailable(opts)
             if why:
                 row[f'ms {spec}'] = row[f'MB {spec}'] = why
                 continue
@@ -615,7 +614,7 @@ def section_fftconv():
         for spec in fftconv_variants:
             opts = parse_variant('fftconv-' + spec)
             row = {'L': L, 'B': B, 'variant': spec, 'fwd floor ms': floor_f, 'fwd+bwd floor ms': floor_fb}
-            why = triton_unavailable(opts, L)
+            why = triton_unavailable(opts)
             if why:
                 fill(row, columns, why)
                 rows.append(row)
@@ -661,7 +660,7 @@ def section_model():
         for spec in model_variants:
             opts = parse_variant(spec)
             row = {'block': block, 'batch': batch, 'variant': spec}
-            why = triton_unavailable(opts, block)
+            why = triton_unavailable(opts)
             if why:
                 fill(row, columns, why)
                 rows.append(row)
@@ -722,7 +721,7 @@ def section_profile():
     batch = max(1, model_tokens // profile_block)
     for spec in profile_variants:
         opts = parse_variant(spec)
-        why = triton_unavailable(opts, profile_block)
+        why = triton_unavailable(opts)
         if why:
             row = {'variant': spec, 'block': profile_block, 'kernel': why}
             fill(row, columns, '-')
@@ -771,7 +770,7 @@ def section_distill():
     for spec in distill_variants:
         opts = parse_variant(spec)
         row = {'block': block, 'batch': batch, 'variant': spec}
-        why = triton_unavailable(opts, block)
+        why = triton_unavailable(opts)
         if why:
             fill(row, columns, why)
             rows.append(row)

@@ -30,6 +30,7 @@ TRITON_ROWS = 0         # rows per program (0: 16, or fewer when there are few)
 _TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
 _TRITON_POISON = False  # tests: fill kernel outputs with NaN first, so an unwritten element shows
 _MFFT_CONSTS = {}
+_TWIDDLE_TABLE = True  # four-step twiddles from a table (else sin/cos in the kernel); device sweep knob
 
 try:
     import triton
@@ -163,10 +164,17 @@ if triton is not None:
                 tl.load(tr_ptr + mat), tl.load(ti_ptr + mat), mat)
 
     @triton.jit
-    def _mfft_outer_twiddle(ko, mat, N):
-        """exp(-2 pi i ko n / N) for the row ko of the outer step, n = the inner index (the four-step twiddle)."""
-        angle = ((ko * mat) % N).to(tl.float32) * (-6.283185307179586 / N)
-        return tl.cos(angle), tl.sin(angle)
+    def _mfft_outer_twiddle(tw_ptr, ko, mat, N, half, NI: tl.constexpr, TABLE: tl.constexpr):
+        """exp(-2 pi i ko n / N) for the row ko of the outer step, n = the inner index (the four-step twiddle):
+        loaded from the (2, H + 1, Ni) table of _outer_twiddles (TABLE) or computed."""
+        if TABLE:
+            wr = tl.load(tw_ptr + ko * NI + mat)
+            wi = tl.load(tw_ptr + half + ko * NI + mat)
+        else:
+            angle = ((ko * mat) % N).to(tl.float32) * (-6.283185307179586 / N)
+            wr = tl.cos(angle)
+            wi = tl.sin(angle)
+        return wr, wi
 
     @triton.jit
     def _mfft_load_row(a_ptr, off, half, mask, wr, wi):
@@ -186,9 +194,9 @@ if triton is not None:
         tl.store(z_ptr + off + half, (zi * wr - zr * wi).to(z_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _mfft_rows_kernel(a_ptr, z_ptr, k_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, n_rows, C, H, N,
-                          ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, MODE: tl.constexpr,
-                          PREC: tl.constexpr):
+    def _mfft_rows_kernel(a_ptr, z_ptr, k_ptr, tw_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, n_rows, C,
+                          H, N, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, MODE: tl.constexpr,
+                          PREC: tl.constexpr, TABLE: tl.constexpr):
         """Rows q = (r, ko) of a (R, 2H + 2, N1 * N2) tensor: [r, ko] holds the real part of the outer step's row
         ko (0 <= ko <= H), [r, H + 1 + ko] its imaginary part. Each row is twiddled and transformed (the inner
         DFT); MODE 'fft' stores the spectrum, MODE 'conv' / 'adjoint' multiplies it by K[r % C, ko] (or conj(K))
@@ -202,7 +210,7 @@ if triton is not None:
             ko = q % (H + 1)
             mask = (mat >= 0) & (q < n_rows)
             off = (r * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
-            wr, wi = _mfft_outer_twiddle(ko, mat, N)
+            wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, N, half, N1 * N2, TABLE)
             xr, xi = _mfft_load_row(a_ptr, off, half, mask, wr, wi)
             cr, ci = _mfft_forward(xr, xi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
             if MODE == 'fft':
@@ -218,9 +226,9 @@ if triton is not None:
                                     F1r, F1i, F2r, F2i, Tr, Ti, PREC)
 
     @triton.jit
-    def _mfft_rows_grad_k_kernel(au_ptr, ag_ptr, s_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+    def _mfft_rows_grad_k_kernel(au_ptr, ag_ptr, s_ptr, tw_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
                                  B, C, H, N, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-                                 PREC: tl.constexpr):
+                                 PREC: tl.constexpr, TABLE: tl.constexpr):
         """Program (c, ko), batch rows pb * ROWS ...: S[pb, c, ko] = twiddled inverse of sum_b conj(U[b, c, ko])
         G[b, c, ko], with U and G the inner spectra of the outer-step rows of u and g (layout as
         _mfft_rows_kernel); summed over pb and through the outer inverse matmul, the filter's gradient."""
@@ -230,7 +238,7 @@ if triton is not None:
         ko = tl.program_id(0) % (H + 1)
         pb = tl.program_id(1)
         half = (H + 1) * (N1 * N2)
-        wr, wi = _mfft_outer_twiddle(ko, mat, N)
+        wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, N, half, N1 * N2, TABLE)
         sr = tl.zeros([N1, N2], dtype=tl.float32)
         si = tl.zeros([N1, N2], dtype=tl.float32)
         for j in range(ROWS):
@@ -352,8 +360,9 @@ def _mfft_rows_impl(a, k, C, H, N, mode, prec, rows, warps):
     z = torch.full_like(a, float('nan')) if _TRITON_POISON else torch.empty_like(a)
     n_rows = R * (H + 1)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
-        _mfft_rows_kernel[(-(-n_rows // rows),)](a, z, k, *_mfft_consts(N1, N2, a.device), n_rows, C, H, N, rows,
-                                                 N1=N1, N2=N2, MODE=mode, PREC=prec, num_warps=warps)
+        _mfft_rows_kernel[(-(-n_rows // rows),)](a, z, k, _outer_twiddles(H, Ni, N, a.device),
+                                                 *_mfft_consts(N1, N2, a.device), n_rows, C, H, N, rows, N1=N1, N2=N2,
+                                                 MODE=mode, PREC=prec, TABLE=_TWIDDLE_TABLE, num_warps=warps)
     return z
 
 
@@ -364,8 +373,9 @@ def _mfft_rows_grad_k_impl(au, ag, B, C, H, N, prec, rows, warps):
     make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
     s = make((nb, C, 2 * H + 2, Ni), device=au.device, dtype=torch.float32)
     with torch.cuda.device(au.device) if au.is_cuda else contextlib.nullcontext():
-        _mfft_rows_grad_k_kernel[(C * (H + 1), nb)](au, ag, s, *_mfft_consts(N1, N2, au.device), B, C, H, N, rows,
-                                                    N1=N1, N2=N2, PREC=prec, num_warps=warps)
+        _mfft_rows_grad_k_kernel[(C * (H + 1), nb)](au, ag, s, _outer_twiddles(H, Ni, N, au.device),
+                                                    *_mfft_consts(N1, N2, au.device), B, C, H, N, rows, N1=N1, N2=N2,
+                                                    PREC=prec, TABLE=_TWIDDLE_TABLE, num_warps=warps)
     return s.sum(0)
 
 
@@ -442,6 +452,15 @@ class MonarchFFTConv(torch.autograd.Function):
             grad_k = gk.sum(0).to(k_dtype)
             grad_D = gd.sum(0).to(d_dtype) if d_dtype is not None else None
         return grad_u, grad_k, grad_D
+
+
+def _outer_twiddles(H, Ni, N, device):
+    """(2, H + 1, Ni) fp32: cos and sin of -2 pi ko n / N, the four-step twiddles of _mfft_rows_kernel."""
+    key = ('twiddle', H, Ni, N, str(device))
+    if key not in _MFFT_CONSTS:
+        angle = -2 * math.pi * torch.outer(torch.arange(H + 1, dtype=torch.float64), torch.arange(Ni, dtype=torch.float64)) / N
+        _MFFT_CONSTS[key] = torch.stack([angle.cos(), angle.sin()]).float().contiguous().to(device)
+    return _MFFT_CONSTS[key]
 
 
 def _outer_rows(x, H, Ni, dtype):
