@@ -24,13 +24,12 @@ import torch
 
 TRITON_DOT = 'tf32'     # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee' (exact fp32)
 TRITON_MAX_N = 4096     # largest FFT size of the one-kernel path (registers); longer inputs take the four-step path
-TRITON_INNER_N = 1024   # four-step path: the length of the row FFTs done in registers (N = N_outer * TRITON_INNER_N)
+TRITON_INNER_N = 0      # four-step path: length of the row FFTs done in registers, N = 2H * Ni (0: by N, see _four_step_plan)
 TRITON_NUM_WARPS = 0    # 0: 4 (measured on the H200: 8 warps were 2x slower at every size)
 TRITON_ROWS = 0         # rows per program (0: 16, or fewer when there are few)
 _TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
 _TRITON_POISON = False  # tests: fill kernel outputs with NaN first, so an unwritten element shows
 _MFFT_CONSTS = {}
-_TWIDDLE_TABLE = True  # four-step twiddles from a table (else sin/cos in the kernel); device sweep knob
 
 try:
     import triton
@@ -164,17 +163,11 @@ if triton is not None:
                 tl.load(tr_ptr + mat), tl.load(ti_ptr + mat), mat)
 
     @triton.jit
-    def _mfft_outer_twiddle(tw_ptr, ko, mat, N, half, NI: tl.constexpr, TABLE: tl.constexpr):
-        """exp(-2 pi i ko n / N) for the row ko of the outer step, n = the inner index (the four-step twiddle):
-        loaded from the (2, H + 1, Ni) table of _outer_twiddles (TABLE) or computed."""
-        if TABLE:
-            wr = tl.load(tw_ptr + ko * NI + mat)
-            wi = tl.load(tw_ptr + half + ko * NI + mat)
-        else:
-            angle = ((ko * mat) % N).to(tl.float32) * (-6.283185307179586 / N)
-            wr = tl.cos(angle)
-            wi = tl.sin(angle)
-        return wr, wi
+    def _mfft_outer_twiddle(tw_ptr, ko, mat, half, NI: tl.constexpr):
+        """exp(-2 pi i ko n / N) for the row ko of the outer step, n = the inner index (the four-step twiddle), from
+        the (2, H + 1, Ni) table of _outer_twiddles: an L2-resident load was 4-5x faster than sin/cos in the
+        kernel on the H200 (libdevice's accurate sin and cos, and the registers they take)."""
+        return tl.load(tw_ptr + ko * NI + mat), tl.load(tw_ptr + half + ko * NI + mat)
 
     @triton.jit
     def _mfft_load_row(a_ptr, off, half, mask, wr, wi):
@@ -195,8 +188,8 @@ if triton is not None:
 
     @triton.jit
     def _mfft_rows_kernel(a_ptr, z_ptr, k_ptr, tw_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, n_rows, C,
-                          H, N, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, MODE: tl.constexpr,
-                          PREC: tl.constexpr, TABLE: tl.constexpr):
+                          H, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, MODE: tl.constexpr,
+                          PREC: tl.constexpr):
         """Rows q = (r, ko) of a (R, 2H + 2, N1 * N2) tensor: [r, ko] holds the real part of the outer step's row
         ko (0 <= ko <= H), [r, H + 1 + ko] its imaginary part. Each row is twiddled and transformed (the inner
         DFT); MODE 'fft' stores the spectrum, MODE 'conv' / 'adjoint' multiplies it by K[r % C, ko] (or conj(K))
@@ -210,7 +203,7 @@ if triton is not None:
             ko = q % (H + 1)
             mask = (mat >= 0) & (q < n_rows)
             off = (r * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
-            wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, N, half, N1 * N2, TABLE)
+            wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, half, N1 * N2)
             xr, xi = _mfft_load_row(a_ptr, off, half, mask, wr, wi)
             cr, ci = _mfft_forward(xr, xi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
             if MODE == 'fft':
@@ -227,8 +220,8 @@ if triton is not None:
 
     @triton.jit
     def _mfft_rows_grad_k_kernel(au_ptr, ag_ptr, s_ptr, tw_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                                 B, C, H, N, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-                                 PREC: tl.constexpr, TABLE: tl.constexpr):
+                                 B, C, H, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                                 PREC: tl.constexpr):
         """Program (c, ko), batch rows pb * ROWS ...: S[pb, c, ko] = twiddled inverse of sum_b conj(U[b, c, ko])
         G[b, c, ko], with U and G the inner spectra of the outer-step rows of u and g (layout as
         _mfft_rows_kernel); summed over pb and through the outer inverse matmul, the filter's gradient."""
@@ -238,7 +231,7 @@ if triton is not None:
         ko = tl.program_id(0) % (H + 1)
         pb = tl.program_id(1)
         half = (H + 1) * (N1 * N2)
-        wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, N, half, N1 * N2, TABLE)
+        wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, half, N1 * N2)
         sr = tl.zeros([N1, N2], dtype=tl.float32)
         si = tl.zeros([N1, N2], dtype=tl.float32)
         for j in range(ROWS):
@@ -277,21 +270,21 @@ def _mfft_consts(N1, N2, device):
     return _MFFT_CONSTS[key]
 
 
-def _mfft_launch(n_rows):
-    """Rows per program (even: the one-kernel path takes rows in pairs) and warps per program. 4 warps and
-    16 rows were the fastest on the H200 at L = 1K and 2K (2x the 8 warps of the first version; .dev sweep in
-    BENCHMARKS.md); fewer rows only when there are few."""
-    rows = TRITON_ROWS or 16
-    return max(1, min(rows, n_rows)), TRITON_NUM_WARPS or 4
+def _mfft_launch(n_rows, warps):
+    """Rows per program (the one-kernel path takes them in pairs) and warps per program (TRITON_NUM_WARPS, else
+    the caller's default): 16 rows, fewer only when there are fewer. On the H200 (BENCHMARKS.md, kernel sweep)
+    the first version's 8 warps were 2x slower than 4 on 64 x 64 matmuls, and 2 warps the fastest on 32 x 32."""
+    return max(1, min(TRITON_ROWS or 16, n_rows)), TRITON_NUM_WARPS or warps
 
 
 def _four_step_plan(L):
     """Four-step FFT of size N = 2H * Ni (N >= 2L, powers of two): an outer DFT of size 2H over rows of Ni
     (a matmul; the input's last H rows are zero) and inner DFTs of size Ni = N1 * N2 in the row kernels."""
-    Ni = TRITON_INNER_N
+    N = 2 ** math.ceil(math.log2(2 * L))
+    Ni = TRITON_INNER_N or max(256, min(1024, N // 128))  # H <= 64 up to L = 64K: fastest in the sweep
     if Ni < 256 or Ni & (Ni - 1):
-        raise ValueError(f"fftconv_triton: TRITON_INNER_N must be a power of two >= 256, got {Ni}")
-    N = max(2 ** math.ceil(math.log2(2 * L)), 2 * Ni)
+        raise ValueError(f"fftconv_triton: TRITON_INNER_N must be 0 (auto) or a power of two >= 256, got {Ni}")
+    N = max(N, 2 * Ni)
     return (N, Ni, N // Ni // 2) + _inner_split(Ni)
 
 
@@ -301,11 +294,11 @@ def _inner_split(Ni):
     return N1, Ni // N1
 
 
-def _outer_matrices(H, N, device, dtype):
+def _outer_matrices(H, Ni, device, dtype):
     """The outer DFT of a real input, its first H + 1 frequencies stacked as [cos; -sin] (2H + 2, H), and its
     inverse (H, 2H + 2) for a Hermitian spectrum: y[n] = (1/N) sum_k w_k (Zr[k] cos - Zi[k] sin)(2 pi n k / 2H),
     with w_k = 2 except at k = 0 and k = H, whose conjugate partners are themselves."""
-    key = ('outer', H, N, str(device), dtype)
+    key = ('outer', H, Ni, str(device), dtype)
     if key not in _MFFT_CONSTS:
         n = torch.arange(H, dtype=torch.float64)
         f = torch.arange(H + 1, dtype=torch.float64)
@@ -313,7 +306,7 @@ def _outer_matrices(H, N, device, dtype):
         forward = torch.cat([angle.cos(), -angle.sin()])
         w = torch.full((H + 1, 1), 2.0, dtype=torch.float64)
         w[0] = w[H] = 1.0
-        inverse = torch.cat([w * angle.cos(), -w * angle.sin()]).t() / N
+        inverse = torch.cat([w * angle.cos(), -w * angle.sin()]).t() / (2 * H * Ni)
         _MFFT_CONSTS[key] = (forward.to(device, dtype), inverse.contiguous().to(device, dtype))
     return _MFFT_CONSTS[key]
 
@@ -354,29 +347,29 @@ def _mfft_corr_impl(u, g, N1, N2, Lk, prec, rows, warps):
     return gk, gd
 
 
-def _mfft_rows_impl(a, k, C, H, N, mode, prec, rows, warps):
+def _mfft_rows_impl(a, k, C, H, mode, prec, rows, warps):
     R, _, Ni = a.shape
     N1, N2 = _inner_split(Ni)
     z = torch.full_like(a, float('nan')) if _TRITON_POISON else torch.empty_like(a)
     n_rows = R * (H + 1)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
-        _mfft_rows_kernel[(-(-n_rows // rows),)](a, z, k, _outer_twiddles(H, Ni, N, a.device),
-                                                 *_mfft_consts(N1, N2, a.device), n_rows, C, H, N, rows, N1=N1, N2=N2,
-                                                 MODE=mode, PREC=prec, TABLE=_TWIDDLE_TABLE, num_warps=warps)
+        _mfft_rows_kernel[(-(-n_rows // rows),)](a, z, k, _outer_twiddles(H, Ni, a.device),
+                                                 *_mfft_consts(N1, N2, a.device), n_rows, C, H, rows, N1=N1, N2=N2,
+                                                 MODE=mode, PREC=prec, num_warps=warps)
     return z
 
 
-def _mfft_rows_grad_k_impl(au, ag, B, C, H, N, prec, rows, warps):
+def _mfft_rows_grad_k_impl(au, ag, B, C, H, prec, rows, warps):
     Ni = au.shape[-1]
     N1, N2 = _inner_split(Ni)
     nb = -(-B // rows)
     make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
     s = make((nb, C, 2 * H + 2, Ni), device=au.device, dtype=torch.float32)
     with torch.cuda.device(au.device) if au.is_cuda else contextlib.nullcontext():
-        _mfft_rows_grad_k_kernel[(C * (H + 1), nb)](au, ag, s, _outer_twiddles(H, Ni, N, au.device),
-                                                    *_mfft_consts(N1, N2, au.device), B, C, H, N, rows, N1=N1, N2=N2,
-                                                    PREC=prec, TABLE=_TWIDDLE_TABLE, num_warps=warps)
-    return s.sum(0)
+        _mfft_rows_grad_k_kernel[(C * (H + 1), nb)](au, ag, s, _outer_twiddles(H, Ni, au.device),
+                                                    *_mfft_consts(N1, N2, au.device), B, C, H, rows, N1=N1, N2=N2,
+                                                    PREC=prec, num_warps=warps)
+    return s.sum(0) if nb > 1 else s.view(s.shape[1:])
 
 
 if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
@@ -402,21 +395,21 @@ if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
 
 
     @torch.library.custom_op('hyena::mfft_rows', mutates_args=())
-    def _mfft_rows_op(a: torch.Tensor, k: torch.Tensor, c: int, h: int, n: int, mode: str, prec: str, rows: int,
+    def _mfft_rows_op(a: torch.Tensor, k: torch.Tensor, c: int, h: int, mode: str, prec: str, rows: int,
                       warps: int) -> torch.Tensor:
-        return _mfft_rows_impl(a, k, c, h, n, mode, prec, rows, warps)
+        return _mfft_rows_impl(a, k, c, h, mode, prec, rows, warps)
 
     @_mfft_rows_op.register_fake
-    def _(a, k, c, h, n, mode, prec, rows, warps):
+    def _(a, k, c, h, mode, prec, rows, warps):
         return torch.empty_like(a)
 
     @torch.library.custom_op('hyena::mfft_rows_grad_k', mutates_args=())
-    def _mfft_rows_grad_k_op(au: torch.Tensor, ag: torch.Tensor, b: int, c: int, h: int, n: int, prec: str,
-                             rows: int, warps: int) -> torch.Tensor:
-        return _mfft_rows_grad_k_impl(au, ag, b, c, h, n, prec, rows, warps)
+    def _mfft_rows_grad_k_op(au: torch.Tensor, ag: torch.Tensor, b: int, c: int, h: int, prec: str, rows: int,
+                             warps: int) -> torch.Tensor:
+        return _mfft_rows_grad_k_impl(au, ag, b, c, h, prec, rows, warps)
 
     @_mfft_rows_grad_k_op.register_fake
-    def _(au, ag, b, c, h, n, prec, rows, warps):
+    def _(au, ag, b, c, h, prec, rows, warps):
         return au.new_empty((c, 2 * h + 2, au.shape[-1]), dtype=torch.float32)
 
 
@@ -428,7 +421,7 @@ class MonarchFFTConv(torch.autograd.Function):
     def forward(ctx, u, k, D):
         B, C, L = u.shape
         N, N1, N2 = _mfft_plan(L)
-        rows, warps = _mfft_launch(B)
+        rows, warps = _mfft_launch(B, 2 if N <= 2048 else 4)
         with torch.autocast(device_type=u.device.type, enabled=False):
             k_f = torch.fft.fft(k.float(), n=N).view(C, N2, N1).transpose(1, 2)  # [c, k1, k2] = K[k1 + N1 k2]
             kr, ki = k_f.real.contiguous(), k_f.imag.contiguous()
@@ -454,25 +447,28 @@ class MonarchFFTConv(torch.autograd.Function):
         return grad_u, grad_k, grad_D
 
 
-def _outer_twiddles(H, Ni, N, device):
+def _outer_twiddles(H, Ni, device):
     """(2, H + 1, Ni) fp32: cos and sin of -2 pi ko n / N, the four-step twiddles of _mfft_rows_kernel."""
-    key = ('twiddle', H, Ni, N, str(device))
+    key = ('twiddle', H, Ni, str(device))
     if key not in _MFFT_CONSTS:
-        angle = -2 * math.pi * torch.outer(torch.arange(H + 1, dtype=torch.float64), torch.arange(Ni, dtype=torch.float64)) / N
+        angle = -2 * math.pi * torch.outer(torch.arange(H + 1, dtype=torch.float64), torch.arange(Ni, dtype=torch.float64)) / (2 * H * Ni)
         _MFFT_CONSTS[key] = torch.stack([angle.cos(), angle.sin()]).float().contiguous().to(device)
     return _MFFT_CONSTS[key]
 
 
 def _outer_rows(x, H, Ni, dtype):
     """(R, L) real -> (R, 2H + 2, Ni): the outer DFT (size 2H) of x zero-padded to H * Ni, one matmul."""
-    forward, _ = _outer_matrices(H, 2 * H * Ni, x.device, dtype)
-    return torch.matmul(forward, torch.nn.functional.pad(x.to(dtype), (0, H * Ni - x.shape[-1])).view(-1, H, Ni))
+    forward, _ = _outer_matrices(H, Ni, x.device, dtype)
+    x = x.to(dtype)
+    if x.shape[-1] < H * Ni:
+        x = torch.nn.functional.pad(x, (0, H * Ni - x.shape[-1]))
+    return torch.matmul(forward, x.view(-1, H, Ni))
 
 
 def _outer_inverse(z, H, n_out):
     """(R, 2H + 2, Ni) from the row kernels -> (R, n_out) real: the outer inverse DFT, scaled by 1/N."""
     Ni = z.shape[-1]
-    _, inverse = _outer_matrices(H, 2 * H * Ni, z.device, z.dtype)
+    _, inverse = _outer_matrices(H, Ni, z.device, z.dtype)
     return torch.matmul(inverse, z).view(-1, H * Ni)[:, :n_out]
 
 
@@ -488,36 +484,36 @@ class FourStepFFTConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, k, D):
         B, C, L = u.shape
-        N, Ni, H, _, _ = _four_step_plan(L)
+        _, Ni, H, _, _ = _four_step_plan(L)
         dtype = torch.bfloat16 if TRITON_DOT == 'bf16' else torch.float32
-        rows, warps = _mfft_launch(B * C * (H + 1))
+        rows, warps = _mfft_launch(B * C * (H + 1), 2)
         with torch.autocast(device_type=u.device.type, enabled=False):
             taps = k.float()
             if D is not None:
                 taps = torch.cat([taps[:, :1] + D.float()[:, None], taps[:, 1:]], dim=1)
-            spectrum = torch.ops.hyena.mfft_rows(_outer_rows(taps, H, Ni, dtype), taps, C, H, N, 'fft', TRITON_DOT,
+            spectrum = torch.ops.hyena.mfft_rows(_outer_rows(taps, H, Ni, dtype), taps, C, H, 'fft', TRITON_DOT,
                                                  rows, warps)
-            z = torch.ops.hyena.mfft_rows(_outer_rows(u.reshape(B * C, L), H, Ni, dtype), spectrum, C, H, N, 'conv',
+            z = torch.ops.hyena.mfft_rows(_outer_rows(u.reshape(B * C, L), H, Ni, dtype), spectrum, C, H, 'conv',
                                           TRITON_DOT, rows, warps)
             y = _outer_inverse(z, H, L).reshape(B, C, L).to(u.dtype)
         ctx.save_for_backward(u, spectrum)
-        ctx.cfg = (N, H, Ni, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+        ctx.cfg = (H, Ni, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         u, spectrum = ctx.saved_tensors
-        N, H, Ni, Lk, prec, rows, warps, k_dtype, d_dtype = ctx.cfg
+        H, Ni, Lk, prec, rows, warps, k_dtype, d_dtype = ctx.cfg
         B, C, L = u.shape
         grad_u = grad_k = grad_D = None
         with torch.autocast(device_type=u.device.type, enabled=False):
             g_rows = _outer_rows(grad_y.reshape(B * C, L), H, Ni, spectrum.dtype)
             if ctx.needs_input_grad[0]:
-                z = torch.ops.hyena.mfft_rows(g_rows, spectrum, C, H, N, 'adjoint', prec, rows, warps)
+                z = torch.ops.hyena.mfft_rows(g_rows, spectrum, C, H, 'adjoint', prec, rows, warps)
                 grad_u = _outer_inverse(z, H, L).reshape(B, C, L).to(u.dtype)
             if ctx.needs_input_grad[1] or (d_dtype is not None and ctx.needs_input_grad[2]):
                 u_rows = _outer_rows(u.reshape(B * C, L), H, Ni, spectrum.dtype)
-                s = torch.ops.hyena.mfft_rows_grad_k(u_rows, g_rows, B, C, H, N, prec, min(rows, B), warps)
+                s = torch.ops.hyena.mfft_rows_grad_k(u_rows, g_rows, B, C, H, prec, min(rows, B), warps)
                 grad_taps = _outer_inverse(s, H, Lk)
                 grad_k = grad_taps.to(k_dtype)
                 grad_D = grad_taps[:, 0].to(d_dtype) if d_dtype is not None else None

@@ -248,7 +248,7 @@ TRITON_SCRIPT = textwrap.dedent('''
         out = grads('triton', u, k, D, g)
         for a, b in zip(out, ref):
             assert rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-2), (L, rel(a, b))
-    fftconv_triton.TRITON_MAX_N, fftconv_triton.TRITON_INNER_N, fftconv_triton.TRITON_ROWS = 4096, 1024, 0
+    fftconv_triton.TRITON_MAX_N, fftconv_triton.TRITON_INNER_N, fftconv_triton.TRITON_ROWS = 4096, 0, 0
     hyena.FFTCONV_IMPL = 'plain'
     op = HyenaOperator(16, l_max=64)
     x = torch.randn(2, 64, 16, requires_grad=True)
