@@ -418,7 +418,8 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         if compile:
             run_model, ok = T.compile_model(raw, data.get_batch('train', 0), prec.ctx)
             if ok and alpha > 0:
-                teacher_fwd, loss_fn = torch.compile(teacher_model, dynamic=False), torch.compile(kd_loss, dynamic=False)
+                teacher_fwd = torch.compile(teacher_model, dynamic=False)
+                loss_fn = torch.compile(kd_loss, dynamic=False)
         if dist.ddp:
             run_model = DDP(run_model, device_ids=[dist.local_rank] if device_type == 'cuda' else None)
     params = [p for p in raw.parameters() if p.requires_grad]

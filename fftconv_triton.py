@@ -24,7 +24,7 @@ import torch
 
 TRITON_DOT = 'tf32'     # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee' (exact fp32)
 TRITON_MAX_N = 4096     # largest FFT size of the one-kernel path (registers); longer inputs take the four-step path
-TRITON_INNER_N = 0      # four-step path: length of the row FFTs done in registers, N = 2H * Ni (0: by N, see _four_step_plan)
+TRITON_INNER_N = 0      # four-step path: row FFT length Ni, N = 2H * Ni (0: by N, see _four_step_plan)
 TRITON_NUM_WARPS = 0    # 0: 4 (measured on the H200: 8 warps were 2x slower at every size)
 TRITON_ROWS = 0         # rows per program (0: 16, or fewer when there are few)
 _TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
@@ -451,7 +451,8 @@ def _outer_twiddles(H, Ni, device):
     """(2, H + 1, Ni) fp32: cos and sin of -2 pi ko n / N, the four-step twiddles of _mfft_rows_kernel."""
     key = ('twiddle', H, Ni, str(device))
     if key not in _MFFT_CONSTS:
-        angle = -2 * math.pi * torch.outer(torch.arange(H + 1, dtype=torch.float64), torch.arange(Ni, dtype=torch.float64)) / (2 * H * Ni)
+        ko, n = torch.arange(H + 1, dtype=torch.float64), torch.arange(Ni, dtype=torch.float64)
+        angle = -2 * math.pi * torch.outer(ko, n) / (2 * H * Ni)
         _MFFT_CONSTS[key] = torch.stack([angle.cos(), angle.sin()]).float().contiguous().to(device)
     return _MFFT_CONSTS[key]
 
@@ -479,13 +480,16 @@ class FourStepFFTConv(torch.autograd.Function):
     H + 1 frequencies a real input needs), a twiddle, then row DFTs of size Ni, the product with the filter's
     spectrum and the inverse row DFTs fused in one Triton kernel (_mfft_rows_kernel, in registers), and the
     outer inverse as a second matmul. The skip term D is folded into the filter's first tap (conv(u, k) + D u =
-    conv(u, k + D delta)), so grad D is grad k[:, 0]. Intermediates are bf16 when TRITON_DOT is 'bf16'."""
+    conv(u, k + D delta)), so grad D is grad k[:, 0]. Intermediates (between the matmuls and the row kernels)
+    are bf16 for TRITON_DOT 'bf16', fp32 for 'tf32', float64 for 'ieee'."""
 
     @staticmethod
     def forward(ctx, u, k, D):
         B, C, L = u.shape
         _, Ni, H, _, _ = _four_step_plan(L)
-        dtype = torch.bfloat16 if TRITON_DOT == 'bf16' else torch.float32
+        # the outer matmuls' dtype: cuBLAS follows torch's global TF32 switch for fp32 (training.py and bench.py
+        # turn it on), so 'ieee' runs them in float64 to stay exact (measured 3.8e-4 error at L = 16K in fp32)
+        dtype = {'bf16': torch.bfloat16, 'tf32': torch.float32, 'ieee': torch.float64}[TRITON_DOT]
         rows, warps = _mfft_launch(B * C * (H + 1), 2)
         with torch.autocast(device_type=u.device.type, enabled=False):
             taps = k.float()
