@@ -1,8 +1,10 @@
 """
 The long convolution of hyena.fftconv fused into Triton kernels, the FFTs done as matmuls on tensor cores
-(impl 'triton': hyena.FFTCONV_IMPL = 'triton' or fftconv(..., impl='triton')). Opt-in and CUDA only; it takes
-L <= TRITON_MAX_N / 2 and hyena.fftconv falls back to its 'fast' path everywhere else. Measured on an H200
-(BENCHMARKS.md): at L = 1K, B*L = 64K, d = 768 fwd+bwd 3.1 ms (tf32) / 1.6 ms (bf16) against cuFFT's 4.5 ms.
+(impl 'triton': hyena.FFTCONV_IMPL = 'triton' or fftconv(..., impl='triton')). Opt-in and CUDA only (CPU tests
+run it in Triton's interpreter; elsewhere hyena.fftconv uses its 'fast' path). Two paths: one kernel per
+direction up to L = TRITON_MAX_N / 2, the four-step FFT (FourStepFFTConv, at the end) beyond. Measured on an
+H200 (BENCHMARKS.md), B*L = 64K, d = 768, bf16, fwd+bwd: 1.1 ms at L = 1K, 1.9 ms at 16K, 3.3 ms at 64K, against
+cuFFT's 4.6, 5.7 and 9.5 ms.
 
 FlashFFTConv's idea (Fu et al. 2023, arXiv:2311.05908) in a two-factor Monarch form. For N = N1 * N2, with the
 signal x[n1 * N2 + n2] seen as an (N1, N2) matrix and frequencies k = k1 + N1 * k2:
