@@ -299,18 +299,16 @@ def _inner_split(Ni):
 def _outer_matrices(H, Ni, device, dtype):
     """The outer DFT of a real input, its first H + 1 frequencies stacked as [cos; -sin] (2H + 2, H), and its
     inverse (H, 2H + 2) for a Hermitian spectrum: y[n] = (1/N) sum_k w_k (Zr[k] cos - Zi[k] sin)(2 pi n k / 2H),
-    with w_k = 2 except at k = 0 and k = H, whose conjugate partners are themselves."""
-    key = ('outer', H, Ni, str(device), dtype)
-    if key not in _MFFT_CONSTS:
-        n = torch.arange(H, dtype=torch.float64)
-        f = torch.arange(H + 1, dtype=torch.float64)
-        angle = 2 * math.pi * torch.outer(f, n) / (2 * H)  # (H + 1, H)
-        forward = torch.cat([angle.cos(), -angle.sin()])
-        w = torch.full((H + 1, 1), 2.0, dtype=torch.float64)
-        w[0] = w[H] = 1.0
-        inverse = torch.cat([w * angle.cos(), -w * angle.sin()]).t() / (2 * H * Ni)
-        _MFFT_CONSTS[key] = (forward.to(device, dtype), inverse.contiguous().to(device, dtype))
-    return _MFFT_CONSTS[key]
+    with w_k = 2 except at k = 0 and k = H, whose conjugate partners are themselves. Built per call, not cached:
+    the autograd Function is traced by torch.compile, which rejects a cache filled inside it (and folds these
+    small constants anyway)."""
+    n = torch.arange(H, dtype=torch.float64, device=device)
+    f = torch.arange(H + 1, dtype=torch.float64, device=device)
+    angle = 2 * math.pi * torch.outer(f, n) / (2 * H)  # (H + 1, H)
+    forward = torch.cat([angle.cos(), -angle.sin()])
+    w = torch.where((f == 0) | (f == H), 1.0, 2.0).unsqueeze(1)
+    inverse = torch.cat([w * angle.cos(), -w * angle.sin()]).t() / (2 * H * Ni)
+    return forward.to(dtype), inverse.contiguous().to(dtype)
 
 
 def applies(u, k, D):

@@ -241,6 +241,10 @@ TRITON_SCRIPT = textwrap.dedent('''
     worst = max(worst, check([(2, 3, 100, 100, True, torch.float32, 0), (1, 2, 300, 77, False, torch.float32, 0),
                               (3, 2, 1000, 1000, True, torch.float32, 2), (2, 2, 257, 200, True, torch.bfloat16, 0)]))
     assert worst < 1e-5, worst
+    # torch.compile traces the four-step autograd Function whole (a constant cache filled inside it broke that)
+    hyena.FFTCONV_IMPL = 'triton'
+    explained = torch._dynamo.explain(HyenaOperator(16, l_max=512))(torch.randn(2, 512, 16))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     fftconv_triton.TRITON_MAX_N, fftconv_triton.TRITON_INNER_N, fftconv_triton.TRITON_ROWS = 4096, 0, 0
     hyena.FFTCONV_IMPL = 'plain'
     op = HyenaOperator(16, l_max=64)
