@@ -359,12 +359,17 @@ def _mfft_rows_impl(a, k, C, H, mode, prec, rows, warps):
     return z
 
 
+def _grad_k_dtype(au):
+    """The batch-summed spectra products: fp32, float64 when the rows are ('ieee', see FourStepFFTConv)."""
+    return torch.float64 if au.dtype == torch.float64 else torch.float32
+
+
 def _mfft_rows_grad_k_impl(au, ag, B, C, H, prec, rows, warps):
     Ni = au.shape[-1]
     N1, N2 = _inner_split(Ni)
     nb = -(-B // rows)
     make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
-    s = make((nb, C, 2 * H + 2, Ni), device=au.device, dtype=torch.float32)
+    s = make((nb, C, 2 * H + 2, Ni), device=au.device, dtype=_grad_k_dtype(au))
     with torch.cuda.device(au.device) if au.is_cuda else contextlib.nullcontext():
         _mfft_rows_grad_k_kernel[(C * (H + 1), nb)](au, ag, s, _outer_twiddles(H, Ni, au.device),
                                                     *_mfft_consts(N1, N2, au.device), B, C, H, rows, N1=N1, N2=N2,
@@ -393,7 +398,6 @@ if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
         nb = -(-u.shape[0] // rows)
         return u.new_empty(nb, u.shape[1], lk, dtype=torch.float32), u.new_empty(nb, u.shape[1], dtype=torch.float32)
 
-
     @torch.library.custom_op('hyena::mfft_rows', mutates_args=())
     def _mfft_rows_op(a: torch.Tensor, k: torch.Tensor, c: int, h: int, mode: str, prec: str, rows: int,
                       warps: int) -> torch.Tensor:
@@ -410,7 +414,7 @@ if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
 
     @_mfft_rows_grad_k_op.register_fake
     def _(au, ag, b, c, h, prec, rows, warps):
-        return au.new_empty((c, 2 * h + 2, au.shape[-1]), dtype=torch.float32)
+        return au.new_empty((c, 2 * h + 2, au.shape[-1]), dtype=_grad_k_dtype(au))
 
 
 class MonarchFFTConv(torch.autograd.Function):
