@@ -27,7 +27,7 @@ import torch
 TRITON_DOT = 'tf32'     # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee' (exact fp32)
 TRITON_MAX_N = 4096     # largest FFT size of the one-kernel path (registers); longer inputs take the four-step path
 TRITON_INNER_N = 0      # four-step path: row FFT length Ni, N = 2H * Ni (0: by N, see _four_step_plan)
-TRITON_NUM_WARPS = 0    # 0: 4 (measured on the H200: 8 warps were 2x slower at every size)
+TRITON_NUM_WARPS = 0    # 0: by path and size, 2 or 4 (_mfft_launch; 8 warps were 2x slower on the H200)
 TRITON_ROWS = 0         # rows per program (0: 16, or fewer when there are few)
 _TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
 _TRITON_POISON = False  # tests: fill kernel outputs with NaN first, so an unwritten element shows
@@ -66,6 +66,12 @@ if triton is not None:
         dr = _mfft_dot(yr, F2r, PREC) + _mfft_dot(yi, F2i, PREC)
         di = _mfft_dot(yi, F2r, PREC) - _mfft_dot(yr, F2i, PREC)
         return dr * Tr + di * Ti, di * Tr - dr * Ti
+
+    @triton.jit
+    def _mfft_inverse_stage1(er, ei, F1r, F1i, PREC: tl.constexpr):
+        """conj(F_N1) @ e, the last stage of the (unnormalized) inverse DFT: (re, im); F_N1 may be its first rows."""
+        return (_mfft_dot(F1r, er, PREC) + _mfft_dot(F1i, ei, PREC),
+                _mfft_dot(F1r, ei, PREC) - _mfft_dot(F1i, er, PREC))
 
     @triton.jit
     def _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1: tl.constexpr, N2: tl.constexpr):
@@ -113,9 +119,10 @@ if triton is not None:
             xi = tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
             cr, ci = _mfft_forward(xr, xi, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
             er, ei = _mfft_inverse_stage2(cr * Kr - ci * Ki, cr * Ki + ci * Kr, Tr, Ti, F2r, F2i, PREC)
-            # last stage, output rows n1 < N1/2: conj(F_N1) @ e, real part -> row b0, imaginary -> row b0 + 1
-            y0 = (_mfft_dot(F1tr, er, PREC) + _mfft_dot(F1ti, ei, PREC)) * (1.0 / (N1 * N2)) + dc * xr
-            y1 = (_mfft_dot(F1tr, ei, PREC) - _mfft_dot(F1ti, er, PREC)) * (1.0 / (N1 * N2)) + dc * xi
+            # last stage, output rows n1 < N1/2: real part -> row b0, imaginary -> row b0 + 1
+            zr, zi = _mfft_inverse_stage1(er, ei, F1tr, F1ti, PREC)
+            y0 = zr * (1.0 / (N1 * N2)) + dc * xr
+            y1 = zi * (1.0 / (N1 * N2)) + dc * xi
             tl.store(y_ptr + base0 + t, y0.to(y_ptr.dtype.element_ty), mask=m0)
             tl.store(y_ptr + base1 + t, y1.to(y_ptr.dtype.element_ty), mask=m1)
 
@@ -152,7 +159,7 @@ if triton is not None:
         tl.store(gk_ptr + out * Lk + t, gk, mask=t < Lk)
         tl.store(gd_ptr + out, tl.sum(tl.sum(dd, axis=1), axis=0))
 
-    # ---- four-step path (N > TRITON_MAX_N): the row kernels between the outer matmuls of _FourStepFFTConv ----
+    # ---- four-step path (N > TRITON_MAX_N): the row kernels between the outer matmuls of FourStepFFTConv ----
     @triton.jit
     def _mfft_full_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1: tl.constexpr, N2: tl.constexpr):
         """All of F_N1, F_N2 and T (a full complex row, no zero half), and the row-major index of (N1, N2)."""
@@ -183,8 +190,7 @@ if triton is not None:
                             PREC: tl.constexpr):
         """Unnormalized inverse DFT of the (k1, k2) spectrum y, times conj(w), stored as (re, im) rows."""
         er, ei = _mfft_inverse_stage2(yr, yi, Tr, Ti, F2r, F2i, PREC)
-        zr = _mfft_dot(F1r, er, PREC) + _mfft_dot(F1i, ei, PREC)
-        zi = _mfft_dot(F1r, ei, PREC) - _mfft_dot(F1i, er, PREC)
+        zr, zi = _mfft_inverse_stage1(er, ei, F1r, F1i, PREC)
         tl.store(z_ptr + off, (zr * wr + zi * wi).to(z_ptr.dtype.element_ty), mask=mask)
         tl.store(z_ptr + off + half, (zi * wr - zr * wi).to(z_ptr.dtype.element_ty), mask=mask)
 

@@ -33,7 +33,7 @@ FFTCONV_IMPL = 'fast'   # fftconv(): 'plain' (autograd through torch.fft, the re
 #                         one kernel up to L = fftconv_triton.TRITON_MAX_N / 2, four-step beyond; 'fast' on CPU)
 SHORT_CONV = 'auto'     # short_conv(): 'conv1d' (cuDNN depthwise), 'shift' (K shifted multiply-adds, which
 #                         torch.compile fuses with the gates and transposes), 'shift_t' (the same after one
-#                         copy to (B, C, L); not yet measured on a GPU), 'auto' (shift when compiling)
+#                         copy to (B, C, L); a small, inconsistent gain on the H200), 'auto' (shift when compiling)
 
 
 def fft_size(n, mode=None):
