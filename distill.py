@@ -34,7 +34,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import training as T
 from configurator import configure
@@ -414,14 +413,10 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
     opt_state = None
     alpha = kd_alpha if stage_name == 'kd' else 0.0
     if stage_name != 'align':
-        run_model = raw
-        if compile:
-            run_model, ok = T.compile_model(raw, data.get_batch('train', 0), prec.ctx)
-            if ok and alpha > 0:
-                teacher_fwd = torch.compile(teacher_model, dynamic=False)
-                loss_fn = torch.compile(kd_loss, dynamic=False)
-        if dist.ddp:
-            run_model = DDP(run_model, device_ids=[dist.local_rank] if device_type == 'cuda' else None)
+        run_model, ok = T.wrap_model(raw, dist, compile, data.get_batch('train', 0), prec.ctx)
+        if ok and alpha > 0:
+            teacher_fwd = torch.compile(teacher_model, dynamic=False)
+            loss_fn = torch.compile(kd_loss, dynamic=False)
     params = [p for p in raw.parameters() if p.requires_grad]
     bar = T.Progress(phase_end, initial=it, enabled=master, desc=key)
     t0, rate = time.time(), None

@@ -21,7 +21,6 @@ import os
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import training as T
 from configurator import configure
@@ -144,10 +143,7 @@ if checkpoint is not None:
     T.agree_across_ranks(iter_num, dist)
 checkpoint = None  # free memory
 raw_model = model
-if compile:
-    model, _ = T.compile_model(model, data.get_batch('train', 0), prec.ctx)
-if dist.ddp:
-    model = DDP(model, device_ids=[dist.local_rank] if dist.device.startswith('cuda') else None)
+model, _ = T.wrap_model(model, dist, compile, data.get_batch('train', 0), prec.ctx)
 logger = T.JsonlLogger(os.path.join(out_dir, 'log.jsonl'), enabled=master)
 last_saved = None  # iteration of the last checkpoint this run wrote (or loaded)
 if init_from == 'resume':

@@ -233,6 +233,36 @@ def test_compile_that_cannot_build_falls_back_to_eager_with_a_message(monkeypatc
         return call
     monkeypatch.setattr(torch, 'compile', cannot_build)
     model = torch.nn.Linear(4, 4)
-    out, compiled = T.compile_model(model, (torch.zeros(2, 4), None))
+    out, compiled = T.wrap_model(model, T.setup_distributed('cpu'), True, (torch.zeros(2, 4), None))
     assert out is model and compiled is False
     assert 'running eager' in capsys.readouterr().out
+
+
+def test_under_ddp_the_compiled_model_is_built_inside_ddp_so_gradient_all_reduces_overlap_backward(
+        monkeypatch, tmp_path):
+    # dynamo splits the graph at DDP's gradient buckets only when it compiles inside DDP's forward
+    from torch.nn.parallel import DistributedDataParallel
+    built_inside_ddp = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, y):
+            built_inside_ddp.append(DistributedDataParallel._get_active_ddp_module() is not None)
+            out = self.model(x)
+            return out, out.square().mean()
+
+    monkeypatch.setattr(torch, 'compile', lambda model, **kwargs: Compiled(model))
+    torch.distributed.init_process_group('gloo', init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    try:
+        dist = T.DistInfo(True, 0, 0, 1, 'cpu', True, 0)
+        model = torch.nn.Linear(4, 4)
+        out, compiled = T.wrap_model(model, dist, True, (torch.ones(2, 4), None))
+        assert compiled and isinstance(out, DistributedDataParallel) and isinstance(out.module, Compiled)
+        assert built_inside_ddp == [True]
+        assert model.weight.grad is None  # the build step leaves no gradients behind
+    finally:
+        torch.distributed.destroy_process_group()
