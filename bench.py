@@ -16,7 +16,8 @@ Variants are strings, so one call compares them all:
     plain | fast | triton    fftconv implementation (hyena.FFTCONV_IMPL); 'plain' also means cuDNN short conv
     pow2 | smooth            FFT sizes (hyena.FFT_SIZE)
     tf32 | bf16 | ieee       operand precision of the Triton kernel's matmuls (fftconv_triton.TRITON_DOT)
-    conv1d | shift | shift_t short conv (hyena.SHORT_CONV; default: shift when compiled, conv1d in eager)
+    conv1d | shift | shift_t | shift_triton
+                             short conv (hyena.SHORT_CONV; default: shift when compiled, conv1d in eager)
     compile                  torch.compile(dynamic=False) the module (CUDA only)
     e.g. 'hyena-triton-bf16-compile'. fftconv_variants take the same options without the leading kind.
   model_variants / distill_variants: 'teacher' or 'student' with the same options, e.g. 'student-triton'.
@@ -255,7 +256,7 @@ def parse_variant(spec):
             opts['fft'] = p
         elif p in ('tf32', 'bf16', 'ieee'):
             opts['dot'] = p
-        elif p in ('conv1d', 'shift', 'shift_t'):
+        elif p in ('conv1d', 'shift', 'shift_t', 'shift_triton'):
             opts['short'] = p
         elif p == 'compile':
             opts['compile'] = True

@@ -256,6 +256,34 @@ if triton is not None:
         _mfft_inverse_store(s_ptr, off, half, mat >= 0, sr, si, wr, wi, F1r, F1i, F2r, F2i, Tr, Ti, PREC)
 
 
+    @triton.jit
+    def _short_conv_wgrad_kernel(g_ptr, z_ptr, out_ptr, T, W, n_tiles, t_blocks, g_sb, g_sc, g_st, z_sb, z_st, z_sc,
+                                 TILES: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 BLOCK_C: tl.constexpr):
+        """Partial sums of the short conv's parameter gradients over this program's share of the (batch,
+        time-block) tiles: out[p, j, c] = sum g[b, c, t] z[b, t - K + 1 + j, c] for taps j < K, and
+        out[p, K, c] = sum g[b, c, t]. Both tiles are read through their strides, whichever axis is contiguous."""
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < W
+        dt = tl.arange(0, BLOCK_T)
+        tap = tl.arange(0, KP)[:, None]
+        acc = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
+        for i in range(TILES):
+            n = tl.program_id(1) * TILES + i
+            b = (n // t_blocks).to(tl.int64)
+            t = (n % t_blocks) * BLOCK_T + dt
+            t_ok = (t < T) & (n < n_tiles)
+            g = tl.load(g_ptr + b * g_sb + c[None, :] * g_sc + t[:, None] * g_st,
+                        mask=t_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.where(tap == K, tl.sum(g, axis=0)[None, :], 0.0)
+            for j in tl.static_range(K):
+                s = t - (K - 1) + j
+                zj = tl.load(z_ptr + b * z_sb + s[:, None] * z_st + c[None, :] * z_sc,
+                             mask=(t_ok & (s >= 0))[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                acc += tl.where(tap == j, tl.sum(g * zj, axis=0)[None, :], 0.0)
+        tl.store(out_ptr + tl.program_id(1) * KP * W + tap * W + c[None, :], acc, mask=c_ok[None, :])
+
+
 def _mfft_plan(L):
     """FFT size N >= 2L (a power of two, >= 512 so every matmul dimension is >= 16) and N = N1 * N2, N1 >= N2."""
     N = max(512, 2 ** math.ceil(math.log2(2 * L)))
@@ -383,6 +411,38 @@ def _mfft_rows_grad_k_impl(au, ag, B, C, H, prec, rows, warps):
     return s.sum(0) if nb > 1 else s.view(s.shape[1:])
 
 
+def short_conv_weight_grad(g, z, K):
+    """The short conv's parameter gradients (hyena.SHORT_CONV 'shift_triton'), fp32 (K + 1, W): sums[j, c] =
+    sum_b,t g[b, c, t] z[b, t - K + 1 + j, c] for the taps j < K, and sums[K, c] = sum_b,t g[b, c, t] (the bias).
+    g (B, W, T) and z (B, T, W), any strides. One Triton reduction on CUDA (or in the interpreter), torch elsewhere."""
+    if triton is not None and (g.is_cuda or _TRITON_INTERPRET):
+        return torch.ops.hyena.short_conv_wgrad(g, z, K)
+    return short_conv_weight_grad_reference(g, z, K)
+
+
+def short_conv_weight_grad_reference(g, z, K):
+    T = z.shape[1]
+    g = g.float().transpose(1, 2)
+    zp = torch.nn.functional.pad(z.float(), (0, 0, K - 1, 0))
+    return torch.stack([(g * zp[:, j:j + T]).sum((0, 1)) for j in range(K)] + [g.sum((0, 1))])
+
+
+def _short_conv_wgrad_impl(g, z, K):
+    B, W, T = g.shape
+    block_t, block_c = 32, 64
+    t_blocks, c_blocks = -(-T // block_t), -(-W // block_c)
+    n_tiles = B * t_blocks
+    per_prog = -(-n_tiles // max(1, min(n_tiles, 1024 // c_blocks)))  # ~1024 programs, each a share of the tiles
+    n_progs = -(-n_tiles // per_prog)
+    KP = 1 << K.bit_length()  # a power of two > K: the K taps and the bias
+    out = torch.empty((n_progs, KP, W), device=g.device, dtype=torch.float32)
+    with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
+        _short_conv_wgrad_kernel[(c_blocks, n_progs)](g, z, out, T, W, n_tiles, t_blocks, *g.stride(),
+                                                      *z.stride(), TILES=per_prog, K=K, KP=KP, BLOCK_T=block_t,
+                                                      BLOCK_C=block_c, num_warps=4)
+    return out.sum(0)[:K + 1]
+
+
 if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
     # Custom ops: opaque to torch.compile, which fuses the gates around them but never traces the launches.
     @torch.library.custom_op('hyena::mfft_conv', mutates_args=())
@@ -421,6 +481,15 @@ if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
     @_mfft_rows_grad_k_op.register_fake
     def _(au, ag, b, c, h, prec, rows, warps):
         return au.new_empty((c, 2 * h + 2, au.shape[-1]), dtype=_grad_k_dtype(au))
+
+
+    @torch.library.custom_op('hyena::short_conv_wgrad', mutates_args=())
+    def _short_conv_wgrad_op(g: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:
+        return _short_conv_wgrad_impl(g, z, k)
+
+    @_short_conv_wgrad_op.register_fake
+    def _(g, z, k):
+        return g.new_empty((k + 1, g.shape[1]), dtype=torch.float32)
 
 
 class MonarchFFTConv(torch.autograd.Function):

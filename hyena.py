@@ -33,7 +33,8 @@ FFTCONV_IMPL = 'fast'   # fftconv(): 'plain' (autograd through torch.fft, the re
 #                         one kernel up to L = fftconv_triton.TRITON_MAX_N / 2, four-step beyond; 'fast' on CPU)
 SHORT_CONV = 'auto'     # short_conv(): 'conv1d' (cuDNN depthwise), 'shift' (K shifted multiply-adds, which
 #                         torch.compile fuses with the gates and transposes), 'shift_t' (the same after one
-#                         copy to (B, C, L); a small, inconsistent gain on the H200), 'auto' (shift when compiling)
+#                         copy to (B, C, L); a small, inconsistent gain on the H200), 'shift_triton' ('shift' with
+#                         a Triton kernel for its weight gradient), 'auto' (shift when compiling)
 
 
 def fft_size(n, mode=None):
@@ -153,27 +154,61 @@ def short_conv(z, conv):
     with the transposes and gates around it (a conv1d is an opaque library call to the compiler): 'shift'
     shifts z as it comes, (B, T, W), 'shift_t' first copies it to (B, W, T), so everything after it, the
     backward's reductions over batch and time included, reads time-contiguous rows (in the profile in
-    BENCHMARKS.md the weight gradient of 'shift' reduces through a strided layout)."""
+    BENCHMARKS.md the weight gradient of 'shift' reduces through a strided layout); 'shift_triton' is 'shift'
+    with its weight and bias gradients from one Triton reduction (ShiftShortConv)."""
     T = z.shape[1]
     mode = SHORT_CONV
     if mode == 'auto':
         mode = 'shift' if torch.compiler.is_compiling() else 'conv1d'
     if mode == 'conv1d':
         return conv(z.transpose(1, 2))[..., :T]
+    if mode == 'shift_triton':
+        return ShiftShortConv.apply(z, conv.weight, conv.bias)
     if mode not in ('shift', 'shift_t'):
-        raise ValueError(f"SHORT_CONV must be 'auto', 'conv1d', 'shift' or 'shift_t', got {mode!r}")
-    K, axis = conv.kernel_size[0], (2 if mode == 'shift_t' else 1)  # the time axis
-    if axis == 2:
-        z = z.transpose(1, 2).contiguous()
+        raise ValueError(f"SHORT_CONV must be 'auto', 'conv1d', 'shift', 'shift_t' or 'shift_triton', got {mode!r}")
+    if mode == 'shift_t':
+        return _shifted_sum(z.transpose(1, 2).contiguous(), conv.weight, conv.bias, axis=2)
+    return _shifted_sum(z, conv.weight, conv.bias, axis=1).transpose(1, 2)
+
+
+def _shifted_sum(z, weight, bias, axis):
+    """y[t] = b + sum_j w[j] z[t - K + 1 + j] along `axis` (1: z is (B, T, W), 2: (B, W, T)), in z's dtype."""
+    K, T = weight.shape[-1], z.shape[axis]
     shape = (-1, 1) if axis == 2 else (-1,)  # per-channel vectors, broadcast over time
-    w = conv.weight.squeeze(1).t().to(z.dtype)  # (K, W)
+    w = weight.squeeze(1).t().to(z.dtype)  # (K, W)
     zp = F.pad(z, (K - 1, 0) if axis == 2 else (0, 0, K - 1, 0))
     y = zp.narrow(axis, K - 1, T) * w[K - 1].view(shape)
     for j in range(K - 1):
         y = y + zp.narrow(axis, j, T) * w[j].view(shape)
-    if conv.bias is not None:
-        y = y + conv.bias.to(z.dtype).view(shape)
-    return y if axis == 2 else y.transpose(1, 2)
+    if bias is not None:
+        y = y + bias.to(z.dtype).view(shape)
+    return y
+
+
+class ShiftShortConv(torch.autograd.Function):
+    """short_conv's 'shift_triton': the forward of 'shift', the weight and bias gradients from one Triton
+    reduction over batch and time (fftconv_triton.short_conv_weight_grad; torch on CPU). Inductor's own
+    reduction for them, fused with the layout's transposes, was the Hyena layer's slowest kernel in the
+    training-step profile (BENCHMARKS.md). z (B, T, W) -> (B, W, T)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias):
+        ctx.save_for_backward(z, weight)
+        ctx.has_bias = bias is not None
+        return _shifted_sum(z, weight, bias, axis=1).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, weight = ctx.saved_tensors
+        K, T = weight.shape[-1], z.shape[1]
+        w = weight.squeeze(1).to(grad_y.dtype)  # (W, K)
+        padded = F.pad(grad_y, (0, K - 1))  # z[s] reaches y[s + K - 1 - j] through tap j
+        grad_z = padded[..., K - 1:K - 1 + T] * w[:, :1]
+        for j in range(1, K):
+            grad_z = grad_z + padded[..., K - 1 - j:K - 1 - j + T] * w[:, j:j + 1]
+        sums = fftconv_triton.short_conv_weight_grad(grad_y, z, K)  # (K + 1, W): the taps, then the bias
+        grad_bias = sums[K].to(weight.dtype) if ctx.has_bias else None
+        return grad_z.transpose(1, 2).to(z.dtype), sums[:K].t().unsqueeze(1).to(weight.dtype), grad_bias
 
 
 class Sin(nn.Module):

@@ -164,7 +164,7 @@ def test_fftconv_rejects_unknown_impl():
         fftconv(torch.randn(1, 2, 8), torch.randn(2, 8), impl='magic')
 
 
-@pytest.mark.parametrize('mode', ['shift', 'shift_t'])
+@pytest.mark.parametrize('mode', ['shift', 'shift_t', 'shift_triton'])
 @pytest.mark.parametrize('K', [1, 3, 4])
 def test_short_conv_shift_equals_conv1d(K, mode, monkeypatch):
     conv = nn.Conv1d(12, 12, K, groups=12, padding=K - 1)
@@ -191,7 +191,7 @@ def test_operator_fast_settings_match_the_plain_operator(order, monkeypatch):
         op(xx).backward(gy)
         return [xx.grad] + [p.grad.clone() for p in op.parameters()]
     ref = run('plain', 'conv1d')
-    for short in ('conv1d', 'shift', 'shift_t'):
+    for short in ('conv1d', 'shift', 'shift_t', 'shift_triton'):
         for a, b in zip(run('fast', short), ref):
             assert rel(a, b) < 1e-5
 
@@ -241,8 +241,19 @@ TRITON_SCRIPT = textwrap.dedent('''
     worst = max(worst, check([(2, 3, 100, 100, True, torch.float32, 0), (1, 2, 300, 77, False, torch.float32, 0),
                               (3, 2, 1000, 1000, True, torch.float32, 2), (2, 2, 257, 200, True, torch.bfloat16, 0)]))
     assert worst < 1e-5, worst
-    # torch.compile traces the four-step autograd Function whole (a constant cache filled inside it broke that)
-    hyena.FFTCONV_IMPL = 'triton'
+    # the short conv's weight-gradient reduction, with g and z each in either layout, and bf16 inputs
+    for (B, T, W, K, dtype) in [(2, 37, 70, 3, torch.float32), (3, 64, 64, 1, torch.float32),
+                                (1, 100, 130, 4, torch.float32), (2, 33, 66, 3, torch.bfloat16)]:
+        g, z = torch.randn(B, W, T).to(dtype), torch.randn(B, T, W).to(dtype)
+        ref = fftconv_triton.short_conv_weight_grad_reference(g.double(), z.double(), K)
+        for gg in (g, g.transpose(1, 2).contiguous().transpose(1, 2)):
+            for zz in (z, z.transpose(1, 2).contiguous().transpose(1, 2)):
+                out = fftconv_triton.short_conv_weight_grad(gg, zz, K)
+                assert out.shape == (K + 1, W) and out.dtype == torch.float32
+                assert rel(out, ref) < 1e-6, (B, T, W, K, rel(out, ref))
+    # torch.compile traces the four-step autograd Function (a constant cache filled inside it broke that) and the
+    # short conv's ShiftShortConv in one graph
+    hyena.FFTCONV_IMPL, hyena.SHORT_CONV = 'triton', 'shift_triton'
     explained = torch._dynamo.explain(HyenaOperator(16, l_max=512))(torch.randn(2, 512, 16))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     fftconv_triton.TRITON_MAX_N, fftconv_triton.TRITON_INNER_N, fftconv_triton.TRITON_ROWS = 4096, 0, 0
@@ -256,6 +267,10 @@ TRITON_SCRIPT = textwrap.dedent('''
     op(x).square().sum().backward()
     out = [x.grad] + [p.grad for p in op.parameters()]
     assert max(rel(a, b) for a, b in zip(out, ref)) < 1e-5
+    hyena.SHORT_CONV = 'shift'  # above: shift_triton, its weight gradient from the Triton reduction
+    op.zero_grad(); x.grad = None
+    op(x).square().sum().backward()
+    assert max(rel(a, b) for a, b in zip([x.grad] + [p.grad for p in op.parameters()], out)) < 1e-5
     print('TRITON_OK', worst)
 ''')
 
