@@ -74,8 +74,8 @@ def test_compiled_operator_gradients_with_the_triton_short_conv_match_shift(monk
         op.zero_grad()
         torch.compile(op, dynamic=False)(x).square().mean().backward()
         return [p.grad.clone() for p in op.parameters()]
-    for a, b in zip(grads('shift_triton'), grads('shift')):
-        assert rel_err(a, b) < 1e-4
+    for a, b in zip(grads('shift_triton'), grads('shift')):  # (some of a fresh filter's gradients are all zero)
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-12
 
 
 def test_operator_bf16_close_to_fp32_on_cuda():
