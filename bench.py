@@ -58,7 +58,7 @@ vocab_size = 50304
 # speed knobs of hyena.py that are not per-variant
 triton_max_n = 4096  # fftconv_triton.TRITON_MAX_N: largest FFT size of the one-kernel path (four-step beyond)
 triton_inner_n = 0  # fftconv_triton.TRITON_INNER_N: row FFT size of the four-step path (0: auto)
-triton_num_warps = 0  # fftconv_triton.TRITON_NUM_WARPS (0: by path and size, 2 or 4)
+triton_num_warps = 0  # fftconv_triton.TRITON_NUM_WARPS (0: by path, 4 one-kernel, 2 four-step)
 triton_rows = 0  # fftconv_triton.TRITON_ROWS (0: auto)
 # check: CUDA correctness of every fast path against an fp64 reference, compiled against eager under bf16
 check_lengths = [1000, 2048, 16384]

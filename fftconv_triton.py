@@ -16,6 +16,8 @@ the input is zero in rows n1 >= N1/2 (stage one uses half of F_N1) and only outp
 (the last stage computes half, real part only). The backward uses the same kernel with conj(K) for grad_u (the
 correlation), and a second kernel for grad_k = sum_b IDFT(conj(U_b) G_b) and grad_D = sum_b,t g u, reduced over
 the batch in registers.
+
+Also here: the short conv's weight-gradient reduction (short_conv_weight_grad, hyena.SHORT_CONV 'shift_triton').
 """
 import contextlib
 import functools
@@ -27,7 +29,7 @@ import torch
 TRITON_DOT = 'tf32'     # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee' (exact fp32)
 TRITON_MAX_N = 4096     # largest FFT size of the one-kernel path (registers); longer inputs take the four-step path
 TRITON_INNER_N = 0      # four-step path: row FFT length Ni, N = 2H * Ni (0: by N, see _four_step_plan)
-TRITON_NUM_WARPS = 0    # 0: by path and size, 2 or 4 (_mfft_launch; 8 warps were 2x slower on the H200)
+TRITON_NUM_WARPS = 0    # 0: by path, 4 one-kernel, 2 four-step (_mfft_launch; 8 were 2x slower on the H200)
 TRITON_ROWS = 0         # rows per program (0: 16, or fewer when there are few)
 _TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
 _TRITON_POISON = False  # tests: fill kernel outputs with NaN first, so an unwritten element shows
@@ -308,8 +310,9 @@ def _mfft_consts(N1, N2, device):
 
 def _mfft_launch(n_rows, warps):
     """Rows per program (the one-kernel path takes them in pairs) and warps per program (TRITON_NUM_WARPS, else
-    the caller's default): 16 rows, fewer only when there are fewer. On the H200 (BENCHMARKS.md, kernel sweep)
-    the first version's 8 warps were 2x slower than 4 on 64 x 64 matmuls, and 2 warps the fastest on 32 x 32."""
+    the caller's default): 16 rows, fewer only when there are fewer. On the H200 (BENCHMARKS.md, kernel sweeps)
+    the first version's 8 warps were 2x slower than 4 on 64 x 64 matmuls; on 32 x 32 (L = 1K) 2 warps tied 4 at
+    batch 64 but lost by 22% at batch 16 (fewer programs to fill the GPU), so the one-kernel path takes 4."""
     return max(1, min(TRITON_ROWS or 16, n_rows)), TRITON_NUM_WARPS or warps
 
 
@@ -500,7 +503,7 @@ class MonarchFFTConv(torch.autograd.Function):
     def forward(ctx, u, k, D):
         B, C, L = u.shape
         N, N1, N2 = _mfft_plan(L)
-        rows, warps = _mfft_launch(B, 2 if N <= 2048 else 4)
+        rows, warps = _mfft_launch(B, 4)
         with torch.autocast(device_type=u.device.type, enabled=False):
             k_f = torch.fft.fft(k.float(), n=N).view(C, N2, N1).transpose(1, 2)  # [c, k1, k2] = K[k1 + N1 k2]
             kr, ki = k_f.real.contiguous(), k_f.imag.contiguous()
