@@ -257,14 +257,14 @@ if triton is not None:
         off = ((pb * C + c) * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
         _mfft_inverse_store(s_ptr, off, half, mat >= 0, sr, si, wr, wi, F1r, F1i, F2r, F2i, Tr, Ti, PREC)
 
-
     @triton.jit
     def _short_conv_wgrad_kernel(g_ptr, z_ptr, out_ptr, T, W, n_tiles, t_blocks, g_sb, g_sc, g_st, z_sb, z_st, z_sc,
                                  TILES: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
                                  BLOCK_C: tl.constexpr):
         """Partial sums of the short conv's parameter gradients over this program's share of the (batch,
         time-block) tiles: out[p, j, c] = sum g[b, c, t] z[b, t - K + 1 + j, c] for taps j < K, and
-        out[p, K, c] = sum g[b, c, t]. Both tiles are read through their strides, whichever axis is contiguous."""
+        out[p, K, c] = sum g[b, c, t]. Both tiles are read through their strides, whichever axis is contiguous.
+        TILES is a compile-time constant because Triton's interpreter (the CPU tests) cannot loop a runtime count."""
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < W
         dt = tl.arange(0, BLOCK_T)
@@ -424,6 +424,7 @@ def short_conv_weight_grad(g, z, K):
 
 
 def short_conv_weight_grad_reference(g, z, K):
+    """short_conv_weight_grad in torch ops (fp32)."""
     T = z.shape[1]
     g = g.float().transpose(1, 2)
     zp = torch.nn.functional.pad(z.float(), (0, 0, K - 1, 0))
@@ -484,7 +485,6 @@ if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
     @_mfft_rows_grad_k_op.register_fake
     def _(au, ag, b, c, h, prec, rows, warps):
         return au.new_empty((c, 2 * h + 2, au.shape[-1]), dtype=_grad_k_dtype(au))
-
 
     @torch.library.custom_op('hyena::short_conv_wgrad', mutates_args=())
     def _short_conv_wgrad_op(g: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:

@@ -188,8 +188,9 @@ def _shifted_sum(z, weight, bias, axis):
 class ShiftShortConv(torch.autograd.Function):
     """short_conv's 'shift_triton': the forward of 'shift', the weight and bias gradients from one Triton
     reduction over batch and time (fftconv_triton.short_conv_weight_grad; torch on CPU). Inductor's own
-    reduction for them, fused with the layout's transposes, was the Hyena layer's slowest kernel in the
-    training-step profile (BENCHMARKS.md). z (B, T, W) -> (B, W, T)."""
+    reduction for them, fused with the layout's transposes, was the Hyena layer's slowest kernel in an older
+    training-step profile; measured against 'shift' since, the gain is small and inconsistent (BENCHMARKS.md),
+    hence opt-in. z (B, T, W) -> (B, W, T)."""
 
     @staticmethod
     def forward(ctx, z, weight, bias):
