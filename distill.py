@@ -287,10 +287,9 @@ def align_loss(X, train_layers, stream_model):
     return losses
 
 
-def kd_loss(student_logits, teacher_logits, targets, alpha, temperature):
-    ce = F.cross_entropy(student_logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-    if alpha == 0:
-        return ce
+def kd_loss(student_logits, teacher_logits, ce, alpha, temperature):
+    """alpha T^2 KL(teacher || student) at temperature T + (1 - alpha) ce (Hinton et al. 2015), where ce is the
+    student's cross-entropy on the labels as its forward already computed it (not a second pass over the vocab)."""
     s = F.log_softmax(student_logits.flatten(0, 1).float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.flatten(0, 1).float() / temperature, dim=-1)
     kl = F.kl_div(s, t, log_target=True, reduction='batchmean')
@@ -450,7 +449,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
                     if alpha > 0:
                         with torch.no_grad():
                             teacher_logits, _ = teacher_fwd(X, Y)
-                        loss = loss_fn(logits, teacher_logits, Y, alpha, kd_temperature) / accum
+                        loss = loss_fn(logits, teacher_logits, ce, alpha, kd_temperature) / accum
                     else:
                         loss = ce / accum
             prec.scaler.scale(loss).backward()
