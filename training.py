@@ -188,19 +188,25 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
     Returns (model, compiled). With example_batch (X, Y) a compiled model is built right away by one forward +
     backward (gradients cleared afterwards), so a failure to build (e.g. no C compiler) shows here, not
     mid-training, and the model falls back to eager with a printed message.
-    That build runs through DDP on purpose: dynamo splits a graph at DDP's gradient-bucket boundaries, so
-    each bucket's all-reduce overlaps the rest of the backward pass, only when it compiles inside DDP's
-    forward. A graph built outside DDP returns every gradient at the end of one backward, and all the
-    all-reduces wait for it (on 2 NVLink H200s that cost little: 150 vs 149 ms per distill.py iteration)."""
+
+    DDP keeps the gradients as views of its all-reduce buckets (no copy into them, no second 500 MB for
+    GPT-2 small), and the compiled model stays one graph: dynamo's DDP optimizer, which splits the graph at the
+    buckets so that each all-reduce overlaps the rest of the backward pass, cost 7 ms per distill.py iteration
+    on one H200 (269 vs 262 ms, torchrun with one process; the same as without DDP), more than the ~2 ms a
+    fully exposed all-reduce of 124M fp32 gradients takes over NVLink once per iteration (BENCHMARKS.md,
+    Several GPUs). Across nodes on a slow network the overlap may win: set torch._dynamo.config.optimize_ddp
+    back to True there."""
     def ddp(m):
         if not dist.ddp:
             return m
-        return DistributedDataParallel(m, device_ids=[dist.local_rank] if dist.device.startswith('cuda') else None)
+        return DistributedDataParallel(m, device_ids=[dist.local_rank] if dist.device.startswith('cuda') else None,
+                                       gradient_as_bucket_view=True)
 
     if not compile:
         return ddp(model), False
     print("compiling the model with torch.compile (takes a minute the first time)...")
     try:
+        torch._dynamo.config.optimize_ddp = False
         # static shapes: a second shape compiles a second graph instead of a dynamic-shape one, which inductor
         # (torch 2.11) failed to build for the Hyena operator ("pointer<fp32> and float64", tests/test_cuda.py)
         wrapped = ddp(torch.compile(model, dynamic=False))
