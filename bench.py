@@ -791,7 +791,7 @@ def section_distill():
                 def step():
                     with autocast():
                         with torch.no_grad():
-                            t_logits, _ = t_fn(x, y)
+                            t_logits, _ = t_fn(x, full_logits=True)
                         s_logits, _ = s_fn(x, y)
                         loss = kd_loss(s_logits, t_logits, y, kd_temperature, kd_alpha)
                     loss.backward()

@@ -448,7 +448,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
                     logits, ce = run_model(X, Y)
                     if alpha > 0:
                         with torch.no_grad():
-                            teacher_logits, _ = teacher_fwd(X, Y)
+                            teacher_logits, _ = teacher_fwd(X, full_logits=True)
                         loss = loss_fn(logits, teacher_logits, ce, alpha, kd_temperature) / accum
                     else:
                         loss = ce / accum

@@ -166,9 +166,10 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(start + torch.arange(t, device=idx.device))
         return self.transformer.drop(x)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, full_logits=False):
         """idx (B, T) -> (logits, loss). With targets: full (B, T, V) logits and the mean cross-entropy
-        (targets == -1 ignored). Without: logits of the last position only, (B, 1, V).
+        (targets == -1 ignored). Without: logits of the last position only, (B, 1, V), or of every position
+        with full_logits=True (distill.py's teacher: no cross-entropy over the vocabulary that nobody reads).
         cache: from new_cache(); the call then continues the cached sequence with idx."""
         start = cache['length'] if cache is not None else 0
         x = self.embed(idx, start)
@@ -177,6 +178,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache['length'] += idx.size(1)
         x = self.transformer.ln_f(x)
+        if targets is None and full_logits:
+            return self.lm_head(x), None
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

@@ -18,6 +18,13 @@ def test_forward_shapes_and_loss():
     assert logits.shape == (2, 1, 64) and loss is None
 
 
+def test_full_logits_without_targets_skip_the_loss():
+    model = GPT(GPTConfig(**TINY))
+    idx = torch.randint(0, 64, (2, 32))
+    logits, loss = model(idx, full_logits=True)
+    assert loss is None and torch.equal(logits, model(idx, idx)[0])
+
+
 def test_hyena_layers_choose_the_mixer_per_layer():
     model = GPT(GPTConfig(**TINY, hyena_layers=[1]))
     kinds = [type(b.mixer) for b in model.transformer.h]
