@@ -87,7 +87,8 @@ model_warmup = 3
 model_iters = 10
 # profile: the kernels a training step spends its time in (torch.profiler), per variant
 profile_block = 1024
-profile_variants = ['teacher', 'student', 'student-triton-bf16', 'student-triton-bf16-shift_t']
+profile_variants = ['teacher', 'student', 'student-triton-bf16', 'attention', 'hyena-fast',
+                    'hyena-triton-bf16-compile']  # training steps at profile_block, then mixers at L = profile_block
 profile_steps = 3
 profile_top = 15
 compile = True  # torch.compile the training/distill steps on CUDA
@@ -527,6 +528,23 @@ def build_mixer(opts, L):
     return hyena.HyenaOperator(n_embd, l_max=L, order=2)
 
 
+def build_mixer_step(opts, x, g):
+    """One fwd+bwd of the mixer `opts` on x (B, L, n_embd) under autocast, g the output's gradient: (step, the
+    tensors whose .grad it fills). Call inside hyena_settings(opts): the compiled graph is built here."""
+    module = build_mixer(opts, x.shape[1]).to(device)
+    if opts['compile']:
+        torch._dynamo.reset()
+    fn = maybe_compile(module, opts)
+    with autocast():
+        gy = g.to(fn(x).dtype)
+
+    def step():
+        with autocast():
+            y = fn(x)
+        y.backward(gy)
+    return step, [x] + list(module.parameters())
+
+
 def section_mixer():
     """fwd+bwd of one mixer (whole: projections included) under bf16 autocast, B * L fixed."""
     specs = [(s, parse_variant(s)) for s in mixer_variants]
@@ -552,24 +570,13 @@ def section_mixer():
                 row[f'ms {spec}'] = row[f'MB {spec}'] = why
                 continue
             try:
-                module = build_mixer(opts, L).to(device)
-                if opts['compile']:
-                    torch._dynamo.reset()
-                fn = maybe_compile(module, opts)
                 with hyena_settings(opts):
-                    with autocast():
-                        gy = g.to(fn(x).dtype)
-
-                    def step():
-                        with autocast():
-                            y = fn(x)
-                        y.backward(gy)
-                    params = [x] + list(module.parameters())
+                    step, params = build_mixer_step(opts, x, g)
                     row[f'ms {spec}'] = bench_ms(step, grad_to_none=params)
                     for p in params:
                         p.grad = None
                     row[f'MB {spec}'] = peak_mb(step)
-                del module, fn
+                del step, params
             except Exception as e:
                 row.setdefault(f'ms {spec}', error_cell(e))
                 row.setdefault(f'MB {spec}', error_cell(e))
@@ -720,16 +727,26 @@ def section_profile():
     columns = ['variant', 'block', 'rank', 'kernel', 'calls/step', 'ms/step', '% of step']
     rows = []
     batch = max(1, model_tokens // profile_block)
+    mixer_batch = max(1, mixer_tokens // profile_block)
     for spec in profile_variants:
         opts = parse_variant(spec)
-        why = triton_unavailable(opts)
+        why = triton_unavailable(opts) or compile_unavailable(opts)
         if why:
             row = {'variant': spec, 'block': profile_block, 'kernel': why}
             fill(row, columns, '-')
             rows.append(row)
             continue
         with hyena_settings(opts):
-            step, model = build_train_step(opts['kind'], profile_block, batch)
+            if opts['kind'] in ('attention', 'hyena'):  # one mixer, as in the mixer section
+                x = torch.randn(mixer_batch, profile_block, n_embd, device=device, requires_grad=True)
+                mixer_step, held = build_mixer_step(opts, x, torch.randn_like(x))
+
+                def step():
+                    for t in held:
+                        t.grad = None  # as bench_ms does: no gradient accumulation in the profile
+                    mixer_step()
+            else:
+                step, held = build_train_step(opts['kind'], profile_block, batch)
             for _ in range(model_warmup):
                 step()
             sync()
@@ -745,11 +762,13 @@ def section_profile():
             rows.append({'variant': spec, 'block': profile_block, 'rank': rank, 'kernel': e.key[:90].replace('|', '/'),
                          'calls/step': e.count / profile_steps, 'ms/step': own(e) / 1e3 / profile_steps,
                          '% of step': 100 * own(e) / total})
-        del model, step
+        del held, step
         free_memory()
-    notes = [f'one training step as in the model section (batch {batch} x {profile_block}), {profile_steps} steps '
-             f'under torch.profiler after {model_warmup} warm-up steps; the {profile_top} kernels with the most '
-             f'self {"device" if CUDA else "CPU"} time; % of the sum over all kernels.']
+    notes = [f'teacher / student variants: one training step as in the model section (batch {batch} x '
+             f'{profile_block}); attention / hyena variants: one fwd+bwd of the mixer as in the mixer section '
+             f'(batch {mixer_batch} x {profile_block}). {profile_steps} steps under torch.profiler after '
+             f'{model_warmup} warm-up steps; the {profile_top} kernels with the most self '
+             f'{"device" if CUDA else "CPU"} time; % of the sum over all kernels.']
     return columns, rows, notes
 
 

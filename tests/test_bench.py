@@ -30,7 +30,7 @@ EXPECTED_ROWS = {
     'mixer': 2,
     'fftconv': 2 * 5,
     'model': 2 * 6,
-    'profile': 2 * 3 + 2,  # teacher and student top-3 kernels; the two Triton variants: n/a on CPU
+    'profile': 4 * 3 + 2,  # top-3 kernels of teacher, student, attention, hyena-fast; the Triton ones: n/a on CPU
     'distill': 2,
     'generate': 4 * 2,
 }
