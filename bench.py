@@ -16,7 +16,7 @@ Variants are strings, so one call compares them all:
     plain | fast | triton    fftconv implementation (hyena.FFTCONV_IMPL); 'plain' also means cuDNN short conv
     pow2 | smooth            FFT sizes (hyena.FFT_SIZE)
     tf32 | bf16 | ieee       operand precision of the Triton kernel's matmuls (fftconv_triton.TRITON_DOT)
-    conv1d | shift | shift_t | shift_triton
+    conv1d | shift | shift_triton
                              short conv (hyena.SHORT_CONV; default: shift when compiled, conv1d in eager)
     compile                  torch.compile(dynamic=False) the module (CUDA only)
     e.g. 'hyena-triton-bf16-compile'. fftconv_variants take the same options without the leading kind.
@@ -70,9 +70,8 @@ check_op_variants = ['hyena-fast', 'hyena-fast-compile', 'hyena-triton', 'hyena-
 # mixer: fwd+bwd of one sequence mixer under bf16 autocast, B * L = mixer_tokens
 mixer_lengths = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 mixer_tokens = 65536
-mixer_variants = ['attention', 'hyena-plain', 'hyena-fast', 'hyena-fast-compile', 'hyena-fast-shift_t-compile',
-                  'hyena-triton', 'hyena-triton-bf16', 'hyena-triton-compile', 'hyena-triton-bf16-compile',
-                  'hyena-triton-bf16-shift_t-compile']
+mixer_variants = ['attention', 'hyena-plain', 'hyena-fast', 'hyena-fast-compile', 'hyena-triton', 'hyena-triton-bf16',
+                  'hyena-triton-compile', 'hyena-triton-bf16-compile', 'hyena-triton-bf16-shift_triton-compile']
 # fftconv: the long convolution alone on (B, n_embd, L) bf16, against its memory-bandwidth floor
 fftconv_lengths = [1024, 1536, 2048, 3072, 4096, 6144, 8192, 16384, 65536]
 fftconv_tokens = 65536
@@ -81,8 +80,7 @@ copy_mb = 1024  # size of the device-to-device copy that measures the bandwidth 
 # model: a training step (fwd + bwd + fused AdamW), bf16 autocast
 model_blocks = [1024, 4096, 16384]
 model_tokens = 16384  # tokens per step: batch = model_tokens // block_size
-model_variants = ['teacher', 'student', 'student-shift_t', 'student-triton', 'student-triton-bf16',
-                  'student-triton-bf16-shift_t']
+model_variants = ['teacher', 'student', 'student-triton', 'student-triton-bf16', 'student-triton-bf16-shift_triton']
 model_warmup = 3
 model_iters = 10
 # profile: the kernels a training step spends its time in (torch.profiler), per variant
@@ -257,7 +255,7 @@ def parse_variant(spec):
             opts['fft'] = p
         elif p in ('tf32', 'bf16', 'ieee'):
             opts['dot'] = p
-        elif p in ('conv1d', 'shift', 'shift_t', 'shift_triton'):
+        elif p in ('conv1d', 'shift', 'shift_triton'):
             opts['short'] = p
         elif p == 'compile':
             opts['compile'] = True

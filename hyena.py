@@ -32,9 +32,8 @@ FFTCONV_IMPL = 'fast'   # fftconv(): 'plain' (autograd through torch.fft, the re
 #                         full complex FFT), 'triton' (fused FFT conv as matmuls, FlashFFTConv-style; CUDA,
 #                         one kernel up to L = fftconv_triton.TRITON_MAX_N / 2, four-step beyond; 'fast' on CPU)
 SHORT_CONV = 'auto'     # short_conv(): 'conv1d' (cuDNN depthwise), 'shift' (K shifted multiply-adds, which
-#                         torch.compile fuses with the gates and transposes), 'shift_t' (the same after one
-#                         copy to (B, C, L); a small, inconsistent gain on the H200), 'shift_triton' ('shift' with
-#                         a Triton kernel for its weight gradient), 'auto' (shift when compiling)
+#                         torch.compile fuses with the gates and transposes), 'shift_triton' ('shift' with a
+#                         Triton kernel for its weight gradient), 'auto' (shift when compiling)
 
 
 def fft_size(n, mode=None):
@@ -151,11 +150,10 @@ def short_conv(z, conv):
     """The depthwise causal short conv of `conv` (an nn.Conv1d with groups = channels, padding K - 1) along
     the time axis of z (B, T, W), returned as (B, W, T) (maybe a strided view). SHORT_CONV picks cuDNN's
     conv1d or K shifted multiply-adds, y[t] = b + sum_j w[j] z[t - K + 1 + j], which torch.compile fuses
-    with the transposes and gates around it (a conv1d is an opaque library call to the compiler): 'shift'
-    shifts z as it comes, (B, T, W), 'shift_t' first copies it to (B, W, T), so everything after it, the
-    backward's reductions over batch and time included, reads time-contiguous rows (in the profile in
-    BENCHMARKS.md the weight gradient of 'shift' reduces through a strided layout); 'shift_triton' is 'shift'
-    with its weight and bias gradients from one Triton reduction (ShiftShortConv)."""
+    with the transposes and gates around it (a conv1d is an opaque library call to the compiler); 'shift_triton'
+    is 'shift' with its weight and bias gradients from one Triton reduction (ShiftShortConv). Running the whole
+    operator channel-major instead, so that these reductions read contiguous rows, did not make it faster
+    (BENCHMARKS.md): what costs is the number of passes over the activations, not their layout."""
     T = z.shape[1]
     mode = SHORT_CONV
     if mode == 'auto':
@@ -164,24 +162,21 @@ def short_conv(z, conv):
         return conv(z.transpose(1, 2))[..., :T]
     if mode == 'shift_triton':
         return ShiftShortConv.apply(z, conv.weight, conv.bias)
-    if mode not in ('shift', 'shift_t'):
-        raise ValueError(f"SHORT_CONV must be 'auto', 'conv1d', 'shift', 'shift_t' or 'shift_triton', got {mode!r}")
-    if mode == 'shift_t':
-        return _shifted_sum(z.transpose(1, 2).contiguous(), conv.weight, conv.bias, axis=2)
-    return _shifted_sum(z, conv.weight, conv.bias, axis=1).transpose(1, 2)
+    if mode != 'shift':
+        raise ValueError(f"SHORT_CONV must be 'auto', 'conv1d', 'shift' or 'shift_triton', got {mode!r}")
+    return _shifted_sum(z, conv.weight, conv.bias).transpose(1, 2)
 
 
-def _shifted_sum(z, weight, bias, axis):
-    """y[t] = b + sum_j w[j] z[t - K + 1 + j] along `axis` (1: z is (B, T, W), 2: (B, W, T)), in z's dtype."""
-    K, T = weight.shape[-1], z.shape[axis]
-    shape = (-1, 1) if axis == 2 else (-1,)  # per-channel vectors, broadcast over time
+def _shifted_sum(z, weight, bias):
+    """y[t] = b + sum_j w[j] z[t - K + 1 + j] along the time axis of z (B, T, W), in z's dtype."""
+    K, T = weight.shape[-1], z.shape[1]
     w = weight.squeeze(1).t().to(z.dtype)  # (K, W)
-    zp = F.pad(z, (K - 1, 0) if axis == 2 else (0, 0, K - 1, 0))
-    y = zp.narrow(axis, K - 1, T) * w[K - 1].view(shape)
+    zp = F.pad(z, (0, 0, K - 1, 0))
+    y = zp[:, K - 1:] * w[K - 1]
     for j in range(K - 1):
-        y = y + zp.narrow(axis, j, T) * w[j].view(shape)
+        y = y + zp[:, j:j + T] * w[j]
     if bias is not None:
-        y = y + bias.to(z.dtype).view(shape)
+        y = y + bias.to(z.dtype)
     return y
 
 
@@ -196,7 +191,7 @@ class ShiftShortConv(torch.autograd.Function):
     def forward(ctx, z, weight, bias):
         ctx.save_for_backward(z, weight)
         ctx.has_bias = bias is not None
-        return _shifted_sum(z, weight, bias, axis=1).transpose(1, 2)
+        return _shifted_sum(z, weight, bias).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_y):
