@@ -192,10 +192,9 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
     DDP keeps the gradients as views of its all-reduce buckets (no copy into them, no second 500 MB for
     GPT-2 small), and the compiled model stays one graph: dynamo's DDP optimizer, which splits the graph at the
     buckets so that each all-reduce overlaps the rest of the backward pass, cost 7 ms per distill.py iteration
-    on one H200 (269 vs 262 ms, torchrun with one process; the same as without DDP), more than the ~2 ms a
-    fully exposed all-reduce of 124M fp32 gradients takes over NVLink once per iteration (BENCHMARKS.md,
-    Several GPUs). Across nodes on a slow network the overlap may win: set torch._dynamo.config.optimize_ddp
-    back to True there."""
+    on one H200 (269 vs 262 ms, torchrun with one process; 261 without DDP), more than an exposed all-reduce of
+    124M fp32 gradients should take over NVLink once per iteration (~2 ms for 497 MB; estimated, BENCHMARKS.md,
+    Several GPUs). Across nodes on a slow network the overlap may win: delete the optimize_ddp line below."""
     def ddp(m):
         if not dist.ddp:
             return m
