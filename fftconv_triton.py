@@ -450,8 +450,8 @@ def _short_conv_wgrad_impl(g, z, K):
 if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
     # Custom ops: opaque to torch.compile, which fuses the gates around them but never traces the launches.
     # Defined through torch.library.Library rather than torch.library.custom_op: the same op to the compiler,
-    # but ~10 instead of ~34 us of Python per call (timed with a no-op body on a 2-core CPU), and the student's training step
-    # waits on its launches (BENCHMARKS.md).
+    # but ~10 instead of ~34 us of Python per call (timed with a no-op body on a 2-core CPU), and the
+    # student's training step waits on its launches (BENCHMARKS.md).
     _LIB = torch.library.Library('hyena', 'DEF')
 
     def _define(schema, impl, fake):
