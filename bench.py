@@ -296,6 +296,20 @@ def triton_unavailable(opts):
     return None
 
 
+def runnable_variants(specs, columns, rows, **fields):
+    """(opts, row) for each variant spec that can run here, its row (fields + variant) already in rows; a
+    variant that cannot gets a row that says why in every column instead."""
+    for spec in specs:
+        opts = parse_variant(spec)
+        row = dict(fields, variant=spec)
+        rows.append(row)
+        why = triton_unavailable(opts)
+        if why:
+            fill(row, columns, why)
+            continue
+        yield opts, row
+
+
 def compile_unavailable(opts):
     if opts['compile'] and not CUDA:
         return 'n/a: compile on CUDA only'
@@ -663,14 +677,7 @@ def section_model():
     for block in model_blocks:
         batch = max(1, model_tokens // block)
         teacher_tps = None
-        for spec in model_variants:
-            opts = parse_variant(spec)
-            row = {'block': block, 'batch': batch, 'variant': spec}
-            why = triton_unavailable(opts)
-            if why:
-                fill(row, columns, why)
-                rows.append(row)
-                continue
+        for opts, row in runnable_variants(model_variants, columns, rows, block=block, batch=batch):
             try:
                 with hyena_settings(opts):
                     ms, peak, model = train_step_timing(opts['kind'], block, batch)
@@ -685,7 +692,6 @@ def section_model():
                 del model
             except Exception as e:
                 fill(row, columns, error_cell(e))
-            rows.append(row)
             free_memory()
     notes = [f'GPT-2 124M shape ({n_layer} layers, {n_head} heads, {n_embd} wide, vocab {vocab_size}); student: '
              f'every layer Hyena (order 2); ~{model_tokens} tokens/step; fused AdamW; compile={compile and CUDA} '
@@ -785,14 +791,7 @@ def section_distill():
     columns = ['block', 'batch', 'variant', 'ms/step', 'tokens/s', 'peak MB']
     rows = []
     block, batch = distill_block, max(1, distill_tokens // distill_block)
-    for spec in distill_variants:
-        opts = parse_variant(spec)
-        row = {'block': block, 'batch': batch, 'variant': spec}
-        why = triton_unavailable(opts)
-        if why:
-            fill(row, columns, why)
-            rows.append(row)
-            continue
+    for opts, row in runnable_variants(distill_variants, columns, rows, block=block, batch=batch):
         try:
             with hyena_settings(opts):
                 torch.manual_seed(seed)
@@ -819,7 +818,6 @@ def section_distill():
                 del teacher, student, opt
         except Exception as e:
             fill(row, columns, error_cell(e))
-        rows.append(row)
         free_memory()
     notes = [f'teacher = GPT-2 124M shape (attention), student = all-Hyena of the same shape; loss = {kd_alpha} * '
              f'T^2 * KL + {1 - kd_alpha} * CE at T={kd_temperature} on full logits; compile={compile and CUDA} '
