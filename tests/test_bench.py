@@ -256,6 +256,17 @@ TRITON_SCRIPT = textwrap.dedent('''
     hyena.FFTCONV_IMPL, hyena.SHORT_CONV = 'triton', 'shift_triton'
     explained = torch._dynamo.explain(HyenaOperator(16, l_max=512))(torch.randn(2, 512, 16))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    # the ops' fake kernels carry AOT autograd through both paths: a whole-graph compile, forward and backward,
+    # gives the eager values and gradients
+    for L in (100, 300):  # one kernel, four-step (TRITON_MAX_N is 256 here)
+        leaves = [torch.randn(2, 4, L, requires_grad=True), torch.randn(4, L, requires_grad=True),
+                  torch.randn(4, requires_grad=True)]
+        eager = fftconv(*leaves)
+        compiled = torch.compile(lambda u, k, D: fftconv(u, k, D), backend='aot_eager', fullgraph=True)(*leaves)
+        assert torch.equal(eager, compiled)
+        for a, b in zip(torch.autograd.grad(eager.square().sum(), leaves),
+                        torch.autograd.grad(compiled.square().sum(), leaves)):
+            assert torch.equal(a, b)
     fftconv_triton.TRITON_MAX_N, fftconv_triton.TRITON_INNER_N, fftconv_triton.TRITON_ROWS = 4096, 0, 0
     hyena.FFTCONV_IMPL = 'plain'
     op = HyenaOperator(16, l_max=64)
