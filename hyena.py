@@ -184,8 +184,8 @@ class ShiftShortConv(torch.autograd.Function):
     """short_conv's 'shift_triton': the forward of 'shift', the weight and bias gradients from one Triton
     reduction over batch and time (fftconv_triton.short_conv_weight_grad; torch on CPU). Inductor's own
     reduction for them, fused with the layout's transposes, was the Hyena layer's slowest kernel in an older
-    training-step profile; measured against 'shift' since, the gain is small and inconsistent (BENCHMARKS.md),
-    hence opt-in. z (B, T, W) -> (B, W, T)."""
+    training-step profile; measured against 'shift' since, the operator is faster at 1K, 4K and 64K but slower at
+    2K, and the training step about the same (BENCHMARKS.md), hence opt-in. z (B, T, W) -> (B, W, T)."""
 
     @staticmethod
     def forward(ctx, z, weight, bias):

@@ -205,7 +205,8 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
         return ddp(model), False
     print("compiling the model with torch.compile (takes a minute the first time)...")
     try:
-        torch._dynamo.config.optimize_ddp = False
+        if dist.ddp:
+            torch._dynamo.config.optimize_ddp = False
         # static shapes: a second shape compiles a second graph instead of a dynamic-shape one, which inductor
         # (torch 2.11) failed to build for the Hyena operator ("pointer<fp32> and float64", tests/test_cuda.py)
         wrapped = ddp(torch.compile(model, dynamic=False))
