@@ -19,6 +19,8 @@ Variants are strings, so one call compares them all:
     conv1d | shift | shift_triton
                              short conv (hyena.SHORT_CONV; default: shift when compiled, conv1d in eager)
     compile                  torch.compile(dynamic=False) the module (CUDA only)
+    graphs                   CUDA graphs: torch.compile's mode='reduce-overhead' (implies compile; with model and
+                             distill variants the compiled blocks or model replay as CUDA graphs)
     e.g. 'hyena-triton-bf16-compile'. fftconv_variants take the same options without the leading kind.
   model_variants / distill_variants: 'teacher' or 'student' with the same options, e.g. 'student-triton'.
 """
@@ -245,7 +247,7 @@ def rel_err(a, b):
 def parse_variant(spec):
     """'hyena-triton-bf16-compile' -> dict(kind='hyena', impl='triton', dot='bf16', compile=True, ...)."""
     parts = spec.split('-')
-    opts = dict(kind=parts[0], impl='fast', fft='smooth', dot='tf32', short=None, compile=False)
+    opts = dict(kind=parts[0], impl='fast', fft='smooth', dot='tf32', short=None, compile=False, graphs=False)
     if opts['kind'] not in ('attention', 'hyena', 'teacher', 'student', 'fftconv'):
         raise ValueError(f"variant {spec!r}: must start with attention, hyena, teacher or student")
     for p in parts[1:]:
@@ -259,6 +261,8 @@ def parse_variant(spec):
             opts['short'] = p
         elif p == 'compile':
             opts['compile'] = True
+        elif p == 'graphs':
+            opts['compile'] = opts['graphs'] = True
         else:
             raise ValueError(f"variant {spec!r}: unknown option {p!r}")
     if opts['short'] is None:
@@ -303,7 +307,7 @@ def runnable_variants(specs, columns, rows, **fields):
         opts = parse_variant(spec)
         row = dict(fields, variant=spec)
         rows.append(row)
-        why = triton_unavailable(opts)
+        why = triton_unavailable(opts) or compile_unavailable(opts)
         if why:
             fill(row, columns, why)
             continue
@@ -313,11 +317,23 @@ def runnable_variants(specs, columns, rows, **fields):
 def compile_unavailable(opts):
     if opts['compile'] and not CUDA:
         return 'n/a: compile on CUDA only'
+    if opts['graphs'] and not compile:
+        return 'n/a: graphs need compile=True'
     return None
 
 
+def compile_mode(opts):
+    return 'reduce-overhead' if opts['graphs'] else 'default'
+
+
 def maybe_compile(module, opts):
-    return torch.compile(module, dynamic=False) if opts['compile'] else module
+    return torch.compile(module, dynamic=False, mode=compile_mode(opts)) if opts['compile'] else module
+
+
+def new_step(opts):
+    """Call at the start of each step: with CUDA graphs, the previous step's outputs may be overwritten now."""
+    if opts['graphs']:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def gpt_config(kind, block_size, pos_emb=True):
@@ -326,14 +342,14 @@ def gpt_config(kind, block_size, pos_emb=True):
                      hyena_layers=list(range(n_layer)) if kind in ('student', 'recurrent') else [])
 
 
-def compile_model(model):
+def compile_model(model, opts):
     """The callable to train with: the model itself, or with its blocks (or all of it) compiled."""
     if not (compile and CUDA):
         return model
     if compile_scope == 'model':
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, dynamic=False, mode=compile_mode(opts))
     for block in model.transformer.h:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, mode=compile_mode(opts))
     return model
 
 
@@ -551,6 +567,7 @@ def build_mixer_step(opts, x, g):
         gy = g.to(fn(x).dtype)
 
     def step():
+        new_step(opts)
         with autocast():
             y = fn(x)
         y.backward(gy)
@@ -680,7 +697,7 @@ def section_model():
         for opts, row in runnable_variants(model_variants, columns, rows, block=block, batch=batch):
             try:
                 with hyena_settings(opts):
-                    ms, peak, model = train_step_timing(opts['kind'], block, batch)
+                    ms, peak, model = train_step_timing(opts, block, batch)
                 tps = batch * block / (ms / 1e3)
                 mfu = model.estimate_mfu(batch, ms / 1e3, seq_len=block)
                 row.update({'ms/step': ms, 'tokens/s': tps,
@@ -700,16 +717,17 @@ def section_model():
     return columns, rows, notes
 
 
-def build_train_step(kind, block, batch):
+def build_train_step(opts, block, batch):
     """(step, model): step() runs one fwd + bwd + AdamW step of a fresh teacher or student on random tokens."""
     torch.manual_seed(seed)
-    model = GPT(gpt_config(kind, block)).to(device)
+    model = GPT(gpt_config(opts['kind'], block)).to(device)
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if CUDA else 'cpu')
-    fn = compile_model(model)
+    fn = compile_model(model, opts)
     idx = torch.randint(0, vocab_size, (batch, block + 1), device=device)
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
 
     def step():
+        new_step(opts)
         with autocast():
             _, loss = fn(x, y)
         loss.backward()
@@ -718,8 +736,8 @@ def build_train_step(kind, block, batch):
     return step, model
 
 
-def train_step_timing(kind, block, batch):
-    step, model = build_train_step(kind, block, batch)
+def train_step_timing(opts, block, batch):
+    step, model = build_train_step(opts, block, batch)
     ms = time_steps(step, model_warmup, model_iters)
     peak = peak_mb(step, absolute=True)
     return ms, peak, model
@@ -750,7 +768,7 @@ def section_profile():
                         t.grad = None  # as bench_ms does: no gradient accumulation in the profile
                     mixer_step()
             else:
-                step, held = build_train_step(opts['kind'], profile_block, batch)
+                step, held = build_train_step(opts, profile_block, batch)
             for _ in range(model_warmup):
                 step()
             sync()
@@ -800,11 +818,12 @@ def section_distill():
                 for p in teacher.parameters():
                     p.requires_grad_(False)
                 opt = student.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if CUDA else 'cpu')
-                t_fn, s_fn = compile_model(teacher), compile_model(student)
+                t_fn, s_fn = compile_model(teacher, opts), compile_model(student, opts)
                 idx = torch.randint(0, vocab_size, (batch, block + 1), device=device)
                 x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
 
                 def step():
+                    new_step(opts)
                     with autocast():
                         with torch.no_grad():
                             t_logits, _ = t_fn(x, full_logits=True)

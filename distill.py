@@ -87,9 +87,14 @@ eval_iters = 20
 device = 'auto'
 dtype = 'auto'
 compile = True
+compile_mode = 'default'  # torch.compile's mode; 'reduce-overhead' replays CUDA graphs (fewer launches)
+fftconv_impl = 'fast'  # Hyena long conv: 'fast' (cuFFT), 'plain' (the reference), 'triton' (fused kernels, CUDA)
+triton_dot = 'tf32'  # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee'
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
+T.check_compile_mode(compile_mode)
+T.set_fftconv(fftconv_impl, triton_dot)
 if align_mode not in ('progressive', 'parallel'):
     T.fail(f"align_mode='{align_mode}' is not 'progressive' or 'parallel'")
 
@@ -412,10 +417,12 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
     opt_state = None
     alpha = kd_alpha if stage_name == 'kd' else 0.0
     if stage_name != 'align':
-        run_model, ok = T.wrap_model(raw, dist, compile, data.get_batch('train', 0), prec.ctx)
+        run_model, ok = T.wrap_model(raw, dist, compile, data.get_batch('train', 0), prec.ctx, compile_mode)
         if ok and alpha > 0:
-            teacher_fwd = torch.compile(teacher_model, dynamic=False)
-            loss_fn = torch.compile(kd_loss, dynamic=False)
+            teacher_fwd = torch.compile(teacher_model, dynamic=False, mode=compile_mode)
+            loss_fn = torch.compile(kd_loss, dynamic=False, mode=compile_mode)
+    graphs = stage_name != 'align' and T.cuda_graphs(compile_mode, ok, dist.device)
+    T.clear_grads(optimizer, graphs)
     params = [p for p in raw.parameters() if p.requires_grad]
     bar = T.Progress(phase_end, initial=it, enabled=master, desc=key)
     t0, rate = time.time(), None
@@ -445,6 +452,8 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
                 else:
                     if dist.ddp:  # sync only on the last micro-step, set before its forward pass
                         run_model.require_backward_grad_sync = (micro == accum - 1)
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
                     logits, ce = run_model(X, Y)
                     if alpha > 0:
                         with torch.no_grad():
@@ -470,7 +479,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         else:
             prec.scaler.step(optimizer)
             prec.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        T.clear_grads(optimizer, graphs)
 
         it += 1
         t1 = time.time()

@@ -19,6 +19,7 @@ the batch in registers.
 
 Also here: the short conv's weight-gradient reduction (short_conv_weight_grad, hyena.SHORT_CONV 'shift_triton').
 """
+import concurrent.futures
 import contextlib
 import functools
 import math
@@ -294,18 +295,32 @@ def _mfft_plan(L):
     return N, N1, N // N1
 
 
+def _cached_constant(key, device, make):
+    """make() (tensors built on the CPU) moved to device, once per key. Built in a helper thread: CUDA graph
+    trees (torch.compile's mode='reduce-overhead') route every allocation of the thread that warms up or records
+    a graph into that graph's private pool, where a tensor cached beyond the graph's run breaks the pool's
+    bookkeeping ("tensors in the cudagraph pool not tracked as outputs"); another thread allocates outside it."""
+    if key not in _MFFT_CONSTS:
+        def build():
+            out = tuple(t.float().contiguous().to(device) for t in make())
+            if out[0].is_cuda:
+                torch.cuda.synchronize(out[0].device)  # ready before any stream of the caller's reads it
+            return out
+        with concurrent.futures.ThreadPoolExecutor(1) as helper:
+            _MFFT_CONSTS[key] = helper.submit(build).result()
+    return _MFFT_CONSTS[key]
+
+
 def _mfft_consts(N1, N2, device):
     """DFT matrices F_N1, F_N2 and twiddles T (real and imaginary parts, fp32), cached per device."""
-    key = (N1, N2, str(device))
-    if key not in _MFFT_CONSTS:
+    def make():
         N = N1 * N2
         j1, j2 = torch.arange(N1, dtype=torch.float64), torch.arange(N2, dtype=torch.float64)
         a1 = -2 * math.pi * torch.outer(j1, j1).remainder(N1) / N1
         a2 = -2 * math.pi * torch.outer(j2, j2).remainder(N2) / N2
         at = -2 * math.pi * torch.outer(j1, j2) / N
-        _MFFT_CONSTS[key] = tuple(t.float().contiguous().to(device) for t in
-                                  (a1.cos(), a1.sin(), a2.cos(), a2.sin(), at.cos(), at.sin()))
-    return _MFFT_CONSTS[key]
+        return a1.cos(), a1.sin(), a2.cos(), a2.sin(), at.cos(), at.sin()
+    return _cached_constant((N1, N2, str(device)), device, make)
 
 
 def _mfft_launch(n_rows, warps):
@@ -514,12 +529,11 @@ class MonarchFFTConv(torch.autograd.Function):
 
 def _outer_twiddles(H, Ni, device):
     """(2, H + 1, Ni) fp32: cos and sin of -2 pi ko n / N, the four-step twiddles of _mfft_rows_kernel."""
-    key = ('twiddle', H, Ni, str(device))
-    if key not in _MFFT_CONSTS:
+    def make():
         ko, n = torch.arange(H + 1, dtype=torch.float64), torch.arange(Ni, dtype=torch.float64)
         angle = -2 * math.pi * torch.outer(ko, n) / (2 * H * Ni)
-        _MFFT_CONSTS[key] = torch.stack([angle.cos(), angle.sin()]).float().contiguous().to(device)
-    return _MFFT_CONSTS[key]
+        return torch.stack([angle.cos(), angle.sin()]),
+    return _cached_constant(('twiddle', H, Ni, str(device)), device, make)[0]
 
 
 def _outer_rows(x, H, Ni, dtype):

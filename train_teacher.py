@@ -73,9 +73,14 @@ min_lr = 6e-5  # ~= learning_rate / 10
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA when supported), 'float32', 'bfloat16', 'float16'
 compile = True  # torch.compile; falls back to eager with a message where it cannot build
+compile_mode = 'default'  # torch.compile's mode; 'reduce-overhead' replays CUDA graphs (fewer launches)
+fftconv_impl = 'fast'  # Hyena long conv: 'fast' (cuFFT), 'plain' (the reference), 'triton' (fused kernels, CUDA)
+triton_dot = 'tf32'  # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee'
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
+T.check_compile_mode(compile_mode)
+T.set_fftconv(fftconv_impl, triton_dot)
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout', 'pos_emb',
               'hyena_layers', 'hyena_order', 'hyena_filter_order', 'hyena_emb_dim', 'hyena_filter_freq',
               'hyena_short_filter_order')
@@ -143,7 +148,9 @@ if checkpoint is not None:
     T.agree_across_ranks(iter_num, dist)
 checkpoint = None  # free memory
 raw_model = model
-model, _ = T.wrap_model(model, dist, compile, data.get_batch('train', 0), prec.ctx)
+model, compiled = T.wrap_model(model, dist, compile, data.get_batch('train', 0), prec.ctx, compile_mode)
+graphs = T.cuda_graphs(compile_mode, compiled, dist.device)
+T.clear_grads(optimizer, graphs)
 logger = T.JsonlLogger(os.path.join(out_dir, 'log.jsonl'), enabled=master)
 last_saved = None  # iteration of the last checkpoint this run wrote (or loaded)
 if init_from == 'resume':
@@ -201,6 +208,8 @@ while True:
     for micro_step in range(accum):
         if dist.ddp:  # sync gradients only on the last micro-step; must be set before its forward pass
             model.require_backward_grad_sync = (micro_step == accum - 1)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with prec.ctx:
             _, loss = model(X, Y)
             loss = loss / accum  # the mean over micro-steps
@@ -227,7 +236,7 @@ while True:
     else:
         prec.scaler.step(optimizer)
         prec.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    T.clear_grads(optimizer, graphs)
 
     # timing and logging
     t1 = time.time()

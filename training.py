@@ -28,6 +28,9 @@ Decisions, in one place:
   128 + signal number (143 for SIGTERM, 130 for SIGINT, the shell's convention), not 0, so a job script
   (`train && next_step`) or scheduler sees the run as unfinished; `init_from=resume` continues it.
   A second Ctrl-C aborts at once (the atomic write keeps the previous checkpoint intact).
+- compile_mode (torch.compile's mode; 'reduce-overhead' replays CUDA graphs, which saves the launch time of
+  a step made of many small kernels, as the Hyena student's is): the loops mark each micro-step's start and
+  keep gradients allocated (`cuda_graphs`, `clear_grads`).
 - DDP: only rank 0 (`dist.master`) writes files. On resume every rank loads the same ckpt.pt (for
   several nodes, out_dir must be on a shared filesystem) and `agree_across_ranks` checks that all read
   the same iteration. Stop requests and non-finite checks are all-reduced, so all ranks stop together.
@@ -44,6 +47,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+
+import fftconv_triton
+import hyena
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
 _SPLIT_IDS = {'train': 0, 'val': 1}
@@ -183,11 +189,52 @@ def setup_precision(device, dtype='auto'):
     return Precision(dtype, ctx, torch.amp.GradScaler('cuda', enabled=(dtype == 'float16')))
 
 
-def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()):
-    """The model a training loop calls: torch.compile'd when compile is True, inside DDP under torchrun.
-    Returns (model, compiled). With example_batch (X, Y) a compiled model is built right away by one forward +
-    backward (gradients cleared afterwards), so a failure to build (e.g. no C compiler) shows here, not
-    mid-training, and the model falls back to eager with a printed message.
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's
+
+
+def check_compile_mode(compile_mode):
+    if compile_mode not in COMPILE_MODES:
+        fail(f"compile_mode='{compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
+
+
+def set_fftconv(impl, dot):
+    """The Hyena long convolution's implementation for this run (config keys fftconv_impl and triton_dot):
+    hyena.FFTCONV_IMPL ('plain', 'fast', 'triton') and fftconv_triton.TRITON_DOT ('tf32', 'bf16', 'ieee')."""
+    if impl not in ('plain', 'fast', 'triton'):
+        fail(f"fftconv_impl='{impl}' is not 'plain', 'fast' or 'triton'")
+    if dot not in ('tf32', 'bf16', 'ieee'):
+        fail(f"triton_dot='{dot}' is not 'tf32', 'bf16' or 'ieee'")
+    hyena.FFTCONV_IMPL, fftconv_triton.TRITON_DOT = impl, dot
+
+
+def cuda_graphs(compile_mode, compiled, device):
+    """Whether a compiled model replays CUDA graphs (compile modes 'reduce-overhead' and 'max-autotune' on CUDA).
+    A training loop then calls torch.compiler.cudagraph_mark_step_begin() before each micro-step's forward (the
+    graphs' outputs of the one before may be overwritten from there on) and clears gradients with clear_grads."""
+    return compiled and device.startswith('cuda') and compile_mode in ('reduce-overhead', 'max-autotune')
+
+
+def clear_grads(optimizer, graphs):
+    """Gradients cleared for the next iteration (and before the first). Under CUDA graphs they stay allocated,
+    zeroed: autograd adopts the first gradient of a parameter whose .grad is None as is, here a buffer of the
+    backward graph, which the next micro-step's replay overwrites (pytorch/pytorch#169545: accumulated
+    gradients silently wrong); into an existing .grad it adds in place."""
+    if not graphs:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+
+def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext(), mode='default'):
+    """The model a training loop calls: torch.compile'd (with `mode`, see cuda_graphs) when compile is True,
+    inside DDP under torchrun. Returns (model, compiled). With example_batch (X, Y) a compiled model is built
+    right away by one forward + backward (gradients cleared afterwards), so a failure to build (e.g. no C
+    compiler) shows here, not mid-training, and the model falls back to eager with a printed message.
 
     DDP keeps the gradients as views of its all-reduce buckets (no copy into them, no second 500 MB for
     GPT-2 small), and the compiled model stays one graph: dynamo's DDP optimizer, which splits the graph at the
@@ -201,6 +248,7 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
         return DistributedDataParallel(m, device_ids=[dist.local_rank] if dist.device.startswith('cuda') else None,
                                        gradient_as_bucket_view=True)
 
+    check_compile_mode(mode)
     if not compile:
         return ddp(model), False
     print("compiling the model with torch.compile (takes a minute the first time)...")
@@ -209,8 +257,9 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
             torch._dynamo.config.optimize_ddp = False
         # static shapes: a second shape compiles a second graph instead of a dynamic-shape one, which inductor
         # (torch 2.11) failed to build for the Hyena operator ("pointer<fp32> and float64", tests/test_cuda.py)
-        wrapped = ddp(torch.compile(model, dynamic=False))
+        wrapped = ddp(torch.compile(model, dynamic=False, mode=mode))
         if example_batch is not None:
+            torch.compiler.cudagraph_mark_step_begin()
             with ctx:
                 _, loss = wrapped(*example_batch)
             loss.backward()
@@ -374,6 +423,7 @@ def estimate_loss(model, data, eval_iters, ctx=nullcontext(), dist=None, splits=
         total = torch.zeros((), device=data.device)
         for k in range(eval_iters):
             X, Y = data.get_batch(split, k, stream=EVAL_STREAM)
+            torch.compiler.cudagraph_mark_step_begin()  # a no-op unless the model replays CUDA graphs
             with ctx:
                 _, loss = model(X, Y)
             total += loss.float()

@@ -93,6 +93,8 @@ def test_parse_variant_and_kd_loss():
     assert (opts['kind'], opts['impl'], opts['dot'], opts['fft'], opts['compile']) == \
         ('hyena', 'triton', 'bf16', 'pow2', True)
     assert bench.parse_variant('hyena-plain')['short'] == 'conv1d'
+    graphs = bench.parse_variant('student-graphs')
+    assert graphs['graphs'] and graphs['compile'] and bench.compile_mode(graphs) == 'reduce-overhead'
     with pytest.raises(ValueError):
         bench.parse_variant('hyena-warp9')
     logits = torch.randn(2, 5, 11)
@@ -137,6 +139,27 @@ def test_fast_fftconv_values_and_gradients_match_fp64(shape, Lk, with_D):
     fast = grads_of(lambda *a: fftconv(*a, impl='fast'), u, k, D, g)
     for a, b in zip(fast, ref):
         assert a.shape == b.shape
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize('shape,Lk', [((2, 3, 7), 3), ((2, 2, 3, 50), 50)])
+def test_compiled_fast_fftconv_values_and_gradients_match_fp64(shape, Lk):
+    # under torch.compile the spectra are multiplied (and the batch summed for grad k) in real arithmetic
+    C = shape[-2]
+    u, k, D, g = torch.randn(shape), torch.randn(C, Lk), torch.randn(C), torch.randn(shape)
+    ref = grads_of(direct_conv64, u.double(), k.double(), D.double(), g.double())
+    compiled = torch.compile(lambda *a: fftconv(*a, impl='fast'), fullgraph=True, dynamic=False)
+    for a, b in zip(grads_of(compiled, u, k, D, g), ref):
+        assert a.shape == b.shape
+        assert rel(a, b) < 1e-5
+
+
+def test_fast_fftconv_run_outside_the_compiled_graph_keeps_its_gradients():
+    # what fftconv does for fp32 CUDA inputs under torch.compile (compiled there, the gradients were wrong)
+    u, k, D, g = torch.randn(2, 3, 40), torch.randn(3, 40), torch.randn(3), torch.randn(2, 3, 40)
+    ref = grads_of(direct_conv64, u.double(), k.double(), D.double(), g.double())
+    compiled = torch.compile(lambda *a: hyena._fftconv_outside_graph(*a, fft_size(79)), dynamic=False)
+    for a, b in zip(grads_of(compiled, u, k, D, g), ref):
         assert rel(a, b) < 1e-5
 
 

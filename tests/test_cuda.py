@@ -44,6 +44,9 @@ def test_compiled_operator_is_as_close_to_fp32_as_eager_under_bf16(L):
     op = HyenaOperator(256, l_max=L).cuda()
     x = torch.randn(4, L, 256, device='cuda')
     reference = op(x)
+    reference.square().mean().backward()
+    reference_grads = {name: p.grad.clone() for name, p in op.named_parameters()}
+    op.zero_grad(set_to_none=True)
     compiled = torch.compile(op, dynamic=False)  # as training.compile_model (the [4096] case would recompile dynamic)
     with torch.autocast('cuda', dtype=torch.bfloat16):
         eager_y = op(x)
@@ -52,7 +55,26 @@ def test_compiled_operator_is_as_close_to_fp32_as_eager_under_bf16(L):
     assert eager_y.dtype == compiled_y.dtype == torch.bfloat16
     assert rel_err(eager_y.float(), reference) < 2e-2
     assert rel_err(compiled_y.float(), reference) < 2e-2
-    assert all(torch.isfinite(p.grad).all() for p in op.parameters())
+    errors = {name: rel_err(p.grad, reference_grads[name]) for name, p in op.named_parameters()}
+    assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda e: -e[1])[:3]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_compiled_fast_fftconv_gradients_match_eager(dtype):
+    # compiled with fp32 inputs, _FFTConv's gradients came out wrong (relative error 1; torch 2.11, H200):
+    # fftconv runs that case outside the graph (hyena._fftconv_outside_graph)
+    torch.manual_seed(0)
+    u = torch.randn(4, 64, 1024, device='cuda', dtype=dtype, requires_grad=True)
+    k = (torch.randn(64, 1024, device='cuda') / 32).requires_grad_()
+    D = torch.randn(64, device='cuda', requires_grad=True)
+    g = torch.randn(4, 64, 1024, device='cuda')
+
+    def grads(fn):
+        return torch.autograd.grad((fn(u, k, D).float() * g).sum(), (u, k, D))
+    eager = grads(lambda *a: fftconv(*a, impl='fast'))
+    compiled = grads(torch.compile(lambda *a: fftconv(*a, impl='fast'), dynamic=False))
+    for name, a, b in zip('ukD', compiled, eager):
+        assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 1e-2), name
 
 
 def test_short_conv_weight_gradient_kernel_on_cuda_matches_reference():
@@ -118,3 +140,30 @@ def test_cuda_graph_decoding_matches_eager_recurrent_decoding():
         torch.manual_seed(1)
         eager = model.generate(idx[:, :100], 20, cuda_graph=False)
     assert torch.equal(graphed, eager)
+
+
+@pytest.mark.parametrize('impl', ['fast', 'triton'])
+def test_cuda_graph_training_accumulates_the_same_gradients_as_eager(impl, monkeypatch):
+    # compile_mode='reduce-overhead' in the training loops: the micro-steps' gradients add up as in eager
+    import training as T
+    monkeypatch.setattr(hyena, 'FFTCONV_IMPL', impl)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=128, n_layer=2, n_head=2, n_embd=64, hyena_layers=[1],
+                          dropout=0.0)).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = [torch.randint(0, 128, (2, 257), device='cuda') for _ in range(3)]
+
+    def accumulated(run, graphs):
+        T.clear_grads(optimizer, graphs)
+        for b in batches:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            _, loss = run(b[:, :-1], b[:, 1:])
+            loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+    expected = accumulated(model, False)
+    compiled = torch.compile(model, dynamic=False, mode='reduce-overhead')
+    for run in range(3):  # warm-up, record, replay
+        got = accumulated(compiled, True)
+        errors = {name: rel_err(got[name], expected[name]) for name in expected}
+        assert max(errors.values()) < 1e-4, (run, sorted(errors.items(), key=lambda e: -e[1])[:4])

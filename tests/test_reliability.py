@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import fftconv_triton
+import hyena
 import training as T
 from conftest import (REFERENCE, REPO, TINY_VOCAB, assert_one_line_error, losses, popen_patched, read_log,
                       run_patched, run_script, train_args, _env)
@@ -165,6 +167,41 @@ def test_hyena_layers_out_of_range_is_a_one_line_error(tiny_data, tmp_path):
 def test_unknown_config_key_is_a_one_line_error_listing_valid_keys(tmp_path):
     proc = run_script('train_teacher.py', '--learning_rte=1e-3')
     assert_one_line_error(proc, "unknown key 'learning_rte'", 'learning_rate')
+
+
+@pytest.mark.parametrize('script', ['train_teacher.py', 'distill.py'])
+@pytest.mark.parametrize('override,message', [('--compile_mode=fastest', "compile_mode='fastest' is not one of"),
+                                              ('--fftconv_impl=cufft', "fftconv_impl='cufft' is not"),
+                                              ('--triton_dot=fp8', "triton_dot='fp8' is not")])
+def test_unknown_speed_setting_is_a_one_line_error(script, override, message):
+    assert_one_line_error(run_script(script, override), message)
+
+
+def test_fftconv_settings_reach_hyena(monkeypatch):
+    monkeypatch.setattr(hyena, 'FFTCONV_IMPL', hyena.FFTCONV_IMPL)
+    monkeypatch.setattr(fftconv_triton, 'TRITON_DOT', fftconv_triton.TRITON_DOT)
+    T.set_fftconv('triton', 'bf16')
+    assert (hyena.FFTCONV_IMPL, fftconv_triton.TRITON_DOT) == ('triton', 'bf16')
+
+
+def test_under_cuda_graphs_gradients_stay_allocated_and_accumulate_in_place():
+    # a .grad adopted from a CUDA graph's output buffer would be overwritten by the next micro-step's replay
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    T.clear_grads(optimizer, graphs=True)
+    buffers = [p.grad for p in model.parameters()]
+    assert all(g is not None and not g.any() for g in buffers)
+    x = torch.randn(4, 3)
+    model(x).sum().backward()
+    model(x).sum().backward()
+    assert all(p.grad is g for p, g in zip(model.parameters(), buffers))
+    assert torch.allclose(model.bias.grad, torch.full((2,), 8.0))  # 4 rows, twice
+    T.clear_grads(optimizer, graphs=True)
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), buffers))
+    T.clear_grads(optimizer, graphs=False)
+    assert all(p.grad is None for p in model.parameters())
+    assert not T.cuda_graphs('reduce-overhead', True, 'cpu') and not T.cuda_graphs('reduce-overhead', False, 'cuda')
+    assert T.cuda_graphs('reduce-overhead', True, 'cuda:0') and not T.cuda_graphs('default', True, 'cuda')
 
 
 def make_bin(folder, train, val=None):
