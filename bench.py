@@ -82,7 +82,8 @@ copy_mb = 1024  # size of the device-to-device copy that measures the bandwidth 
 # model: a training step (fwd + bwd + fused AdamW), bf16 autocast
 model_blocks = [1024, 4096, 16384]
 model_tokens = 16384  # tokens per step: batch = model_tokens // block_size
-model_variants = ['teacher', 'student', 'student-triton', 'student-triton-bf16', 'student-triton-bf16-shift_triton']
+model_variants = ['teacher', 'student', 'student-triton', 'student-triton-bf16', 'student-triton-bf16-shift_triton',
+                  'teacher-graphs', 'student-triton-bf16-graphs']  # student / teacher: against the last teacher row
 model_warmup = 3
 model_iters = 10
 # profile: the kernels a training step spends its time in (torch.profiler), per variant
@@ -96,7 +97,7 @@ compile_scope = 'blocks'  # 'blocks': each Block compiled (identical blocks shar
 # distill: teacher forward (no_grad) + student fwd/bwd/AdamW on alpha * T^2 * KL + (1 - alpha) * CE
 distill_block = 1024
 distill_tokens = 16384
-distill_variants = ['student', 'student-triton']
+distill_variants = ['student', 'student-triton', 'student-graphs', 'student-triton-bf16-graphs']
 kd_temperature = 2.0
 kd_alpha = 0.5
 # generate: prefill a random prompt of each context, then time new tokens with model.generate(use_cache=True)

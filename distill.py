@@ -93,8 +93,7 @@ triton_dot = 'tf32'  # operand precision of the Triton kernels' matmuls: 'tf32',
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
-T.check_compile_mode(compile_mode)
-T.set_fftconv(fftconv_impl, triton_dot)
+T.speed_settings(compile_mode, fftconv_impl, triton_dot)
 if align_mode not in ('progressive', 'parallel'):
     T.fail(f"align_mode='{align_mode}' is not 'progressive' or 'parallel'")
 

@@ -87,8 +87,6 @@ def fftconv(u, k, D=None, impl=None):
     if impl == 'triton' and fftconv_triton.applies(u, k, D):
         return fftconv_triton.fftconv(u, k, D)
     if impl in ('fast', 'triton'):
-        if u.is_cuda and u.dtype == torch.float32 and torch.compiler.is_compiling():
-            return _fftconv_outside_graph(u, k, D, fft_size(L + Lk - 1))
         return _FFTConv.apply(u, k, D, fft_size(L + Lk - 1))
     raise ValueError(f"fftconv: impl must be 'plain', 'fast' or 'triton', got {impl!r}")
 
@@ -108,15 +106,6 @@ def fftconv_reference(u, k, D=None):
     return y.to(u.dtype)
 
 
-@torch.compiler.disable
-def _fftconv_outside_graph(u, k, D, n):
-    """_FFTConv run eagerly inside a compiled model (a graph break): for fp32 inputs on CUDA, where the compiled
-    _FFTConv gave wrong gradients (relative error 1 against eager for u, k and D, forward right; torch 2.11, H200;
-    BENCHMARKS.md, "Gradients of the compiled fast path"). With bf16 inputs, what training under autocast hands
-    it, the compiled gradients matched eager in bench.py's check section. The cause is not found yet."""
-    return _FFTConv.apply(u, k, D, n)
-
-
 class _FFTConv(torch.autograd.Function):
     """fftconv with a backward that reuses the forward's spectra (impl 'fast'). Saves u (its own dtype),
     U = rfft(u) and K = rfft(k); the backward runs one rfft (of the incoming gradient) and one irfft per
@@ -134,7 +123,9 @@ class _FFTConv(torch.autograd.Function):
                 y = y + u32 * D.float().unsqueeze(-1)
         ctx.save_for_backward(u, u_f, k_f, D)
         ctx.n, ctx.Lk, ctx.k_dtype = n, k.shape[-1], k.dtype
-        return y.to(u.dtype)
+        # not y.to(u.dtype) when that is a no-op (fp32 u): torch 2.11 compiled this Function's gradients to zeros
+        # then (u, k and D alike; tests/test_bench.py reproduces it on the CPU with torch 2.11, fixed in 2.13)
+        return y if y.dtype == u.dtype else y.to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -79,8 +79,7 @@ triton_dot = 'tf32'  # operand precision of the Triton kernels' matmuls: 'tf32',
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
-T.check_compile_mode(compile_mode)
-T.set_fftconv(fftconv_impl, triton_dot)
+T.speed_settings(compile_mode, fftconv_impl, triton_dot)
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout', 'pos_emb',
               'hyena_layers', 'hyena_order', 'hyena_filter_order', 'hyena_emb_dim', 'hyena_filter_freq',
               'hyena_short_filter_order')

@@ -197,9 +197,11 @@ def check_compile_mode(compile_mode):
         fail(f"compile_mode='{compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
 
 
-def set_fftconv(impl, dot):
-    """The Hyena long convolution's implementation for this run (config keys fftconv_impl and triton_dot):
-    hyena.FFTCONV_IMPL ('plain', 'fast', 'triton') and fftconv_triton.TRITON_DOT ('tf32', 'bf16', 'ieee')."""
+def speed_settings(compile_mode, impl, dot):
+    """The config keys compile_mode, fftconv_impl and triton_dot checked, and the last two applied: the Hyena long
+    convolution's hyena.FFTCONV_IMPL ('plain', 'fast', 'triton') and fftconv_triton.TRITON_DOT ('tf32', 'bf16',
+    'ieee') for this run."""
+    check_compile_mode(compile_mode)
     if impl not in ('plain', 'fast', 'triton'):
         fail(f"fftconv_impl='{impl}' is not 'plain', 'fast' or 'triton'")
     if dot not in ('tf32', 'bf16', 'ieee'):

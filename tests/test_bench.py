@@ -29,9 +29,9 @@ EXPECTED_ROWS = {
     'check (operator)': 4,
     'mixer': 2,
     'fftconv': 2 * 5,
-    'model': 2 * 5,
+    'model': 2 * 7,
     'profile': 4 * 3 + 2,  # top-3 kernels of teacher, student, attention, hyena-fast; the Triton ones: n/a on CPU
-    'distill': 2,
+    'distill': 4,
     'generate': 4 * 2,
 }
 
@@ -144,22 +144,13 @@ def test_fast_fftconv_values_and_gradients_match_fp64(shape, Lk, with_D):
 
 @pytest.mark.parametrize('shape,Lk', [((2, 3, 7), 3), ((2, 2, 3, 50), 50)])
 def test_compiled_fast_fftconv_values_and_gradients_match_fp64(shape, Lk):
-    # under torch.compile the spectra are multiplied (and the batch summed for grad k) in real arithmetic
+    # torch 2.11 compiled _FFTConv's gradients to zeros for fp32 inputs (its forward returned a no-op .to())
     C = shape[-2]
     u, k, D, g = torch.randn(shape), torch.randn(C, Lk), torch.randn(C), torch.randn(shape)
     ref = grads_of(direct_conv64, u.double(), k.double(), D.double(), g.double())
     compiled = torch.compile(lambda *a: fftconv(*a, impl='fast'), fullgraph=True, dynamic=False)
     for a, b in zip(grads_of(compiled, u, k, D, g), ref):
         assert a.shape == b.shape
-        assert rel(a, b) < 1e-5
-
-
-def test_fast_fftconv_run_outside_the_compiled_graph_keeps_its_gradients():
-    # what fftconv does for fp32 CUDA inputs under torch.compile (compiled there, the gradients were wrong)
-    u, k, D, g = torch.randn(2, 3, 40), torch.randn(3, 40), torch.randn(3), torch.randn(2, 3, 40)
-    ref = grads_of(direct_conv64, u.double(), k.double(), D.double(), g.double())
-    compiled = torch.compile(lambda *a: hyena._fftconv_outside_graph(*a, fft_size(79)), dynamic=False)
-    for a, b in zip(grads_of(compiled, u, k, D, g), ref):
         assert rel(a, b) < 1e-5
 
 

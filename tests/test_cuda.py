@@ -61,8 +61,7 @@ def test_compiled_operator_is_as_close_to_fp32_as_eager_under_bf16(L):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_compiled_fast_fftconv_gradients_match_eager(dtype):
-    # compiled with fp32 inputs, _FFTConv's gradients came out wrong (relative error 1; torch 2.11, H200):
-    # fftconv runs that case outside the graph (hyena._fftconv_outside_graph)
+    # torch 2.11 compiled _FFTConv's gradients to zeros for fp32 inputs (seen on the H200; see hyena._FFTConv)
     torch.manual_seed(0)
     u = torch.randn(4, 64, 1024, device='cuda', dtype=dtype, requires_grad=True)
     k = (torch.randn(64, 1024, device='cuda') / 32).requires_grad_()

@@ -180,7 +180,7 @@ def test_unknown_speed_setting_is_a_one_line_error(script, override, message):
 def test_fftconv_settings_reach_hyena(monkeypatch):
     monkeypatch.setattr(hyena, 'FFTCONV_IMPL', hyena.FFTCONV_IMPL)
     monkeypatch.setattr(fftconv_triton, 'TRITON_DOT', fftconv_triton.TRITON_DOT)
-    T.set_fftconv('triton', 'bf16')
+    T.speed_settings('default', 'triton', 'bf16')
     assert (hyena.FFTCONV_IMPL, fftconv_triton.TRITON_DOT) == ('triton', 'bf16')
 
 
