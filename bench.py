@@ -6,7 +6,7 @@ Every section runs in its own try/except: a failure becomes an 'error: ...' cell
 Results: markdown tables on stdout and in out_dir/bench.md, everything in out_dir/bench.json
 (rewritten after each section, so a run cut short still leaves what it measured).
 
-    python bench.py                                   # all sections on the GPU (~15 min on one H200)
+    python bench.py                                   # all sections on the GPU (15-20 min on one H200)
     python bench.py --sections="['mixer','fftconv']"  # a subset: env check mixer fftconv model profile distill generate
     python bench.py --quick=True --device=cpu         # CPU smoke run on tiny shapes (what the tests run)
     python bench.py --compile=False                   # eager training steps (compiling is the default on CUDA)
