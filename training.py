@@ -220,7 +220,8 @@ def clear_grads(optimizer, graphs):
     """Gradients cleared for the next iteration (and before the first). Under CUDA graphs they stay allocated,
     zeroed: autograd adopts the first gradient of a parameter whose .grad is None as is, here a buffer of the
     backward graph, which the next micro-step's replay overwrites (pytorch/pytorch#169545: accumulated
-    gradients silently wrong); into an existing .grad it adds in place."""
+    gradients silently wrong); into an existing .grad it adds in place. (A trainable parameter that gets no
+    gradient in a step then has a zero one, which AdamW steps and decays; here every trainable one gets one.)"""
     if not graphs:
         optimizer.zero_grad(set_to_none=True)
         return
