@@ -252,11 +252,11 @@ def parse_variant(spec):
     if opts['kind'] not in ('attention', 'hyena', 'teacher', 'student', 'fftconv'):
         raise ValueError(f"variant {spec!r}: must start with attention, hyena, teacher or student")
     for p in parts[1:]:
-        if p in ('plain', 'fast', 'triton'):
+        if p in hyena.FFTCONV_IMPLS:
             opts['impl'] = p
         elif p in ('pow2', 'smooth'):
             opts['fft'] = p
-        elif p in ('tf32', 'bf16', 'ieee'):
+        elif p in fftconv_triton.TRITON_DOTS:
             opts['dot'] = p
         elif p in ('conv1d', 'shift', 'shift_triton'):
             opts['short'] = p

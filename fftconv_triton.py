@@ -27,6 +27,7 @@ import os
 
 import torch
 
+TRITON_DOTS = ('tf32', 'bf16', 'ieee')  # what TRITON_DOT may be (config keys and bench variants check it)
 TRITON_DOT = 'tf32'     # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee' (exact fp32)
 TRITON_MAX_N = 4096     # largest FFT size of the one-kernel path (registers); longer inputs take the four-step path
 TRITON_INNER_N = 0      # four-step path: row FFT length Ni, N = 2H * Ni (0: by N, see _four_step_plan)

@@ -27,6 +27,7 @@ import fftconv_triton
 # Module-level switches, read at call time (torch.compile guards on them), so bench.py can compare every
 # variant in one process. The defaults are the measured-safe ones; 'triton' is opt-in.
 FFT_SIZE = 'smooth'     # fft_size(): 'smooth' (even 2^a 3^b 5^c, least padding) or 'pow2' (next power of two)
+FFTCONV_IMPLS = ('plain', 'fast', 'triton')  # what FFTCONV_IMPL may be (config keys and bench variants check it)
 FFTCONV_IMPL = 'fast'   # fftconv(): 'plain' (autograd through torch.fft, the reference), 'fast' (custom autograd
 #                         Function whose backward reuses the forward spectra and uses irfft, not autograd's
 #                         full complex FFT), 'triton' (fused FFT conv as matmuls, FlashFFTConv-style; CUDA,
@@ -88,7 +89,7 @@ def fftconv(u, k, D=None, impl=None):
         return fftconv_triton.fftconv(u, k, D)
     if impl in ('fast', 'triton'):
         return _FFTConv.apply(u, k, D, fft_size(L + Lk - 1))
-    raise ValueError(f"fftconv: impl must be 'plain', 'fast' or 'triton', got {impl!r}")
+    raise ValueError(f"fftconv: impl must be one of {', '.join(FFTCONV_IMPLS)}, got {impl!r}")
 
 
 def fftconv_reference(u, k, D=None):

@@ -202,10 +202,10 @@ def speed_settings(compile_mode, impl, dot):
     convolution's hyena.FFTCONV_IMPL ('plain', 'fast', 'triton') and fftconv_triton.TRITON_DOT ('tf32', 'bf16',
     'ieee') for this run."""
     check_compile_mode(compile_mode)
-    if impl not in ('plain', 'fast', 'triton'):
-        fail(f"fftconv_impl='{impl}' is not 'plain', 'fast' or 'triton'")
-    if dot not in ('tf32', 'bf16', 'ieee'):
-        fail(f"triton_dot='{dot}' is not 'tf32', 'bf16' or 'ieee'")
+    if impl not in hyena.FFTCONV_IMPLS:
+        fail(f"fftconv_impl='{impl}' is not one of {', '.join(hyena.FFTCONV_IMPLS)}")
+    if dot not in fftconv_triton.TRITON_DOTS:
+        fail(f"triton_dot='{dot}' is not one of {', '.join(fftconv_triton.TRITON_DOTS)}")
     hyena.FFTCONV_IMPL, fftconv_triton.TRITON_DOT = impl, dot
 
 
