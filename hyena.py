@@ -107,6 +107,25 @@ def fftconv_reference(u, k, D=None):
     return y.to(u.dtype)
 
 
+def _mul_spectra(a, b, conj=False, sum_to=None):
+    """a * b, or a * conj(b) with conj, for complex spectra; with sum_to, summed to that shape (sum_to_size).
+    Under torch.compile in real arithmetic on view_as_real, which inductor fuses into one pass with the sum: to
+    inductor a complex multiply, a conj and a complex sum are separate library calls, and the conj a copy.
+    Eager keeps the one complex kernel."""
+    if not torch.compiler.is_compiling():
+        out = a * (b.conj() if conj else b)
+        return out if sum_to is None else out.sum_to_size(sum_to)
+    ar, ai = torch.view_as_real(a).unbind(-1)
+    br, bi = torch.view_as_real(b).unbind(-1)
+    if conj:
+        out = torch.stack([ar * br + ai * bi, ai * br - ar * bi], dim=-1)
+    else:
+        out = torch.stack([ar * br - ai * bi, ar * bi + ai * br], dim=-1)
+    if sum_to is not None:
+        out = out.sum_to_size(*sum_to, 2)
+    return torch.view_as_complex(out.contiguous())
+
+
 class _FFTConv(torch.autograd.Function):
     """fftconv with a backward that reuses the forward's spectra (impl 'fast'). Saves u (its own dtype),
     U = rfft(u) and K = rfft(k); the backward runs one rfft (of the incoming gradient) and one irfft per
@@ -117,9 +136,11 @@ class _FFTConv(torch.autograd.Function):
         L = u.shape[-1]
         with torch.autocast(device_type=u.device.type, enabled=False):
             u32 = u.float().contiguous()
-            k_f = torch.fft.rfft(k.float(), n=n)
+            # irfft's 1/n goes into the filter's spectrum (C x n, once per call) rather than a pass over the
+            # (B, C, n) output: cuFFT does not scale, so norm='backward' costs an extra kernel per inverse
+            k_f = torch.fft.rfft(k.float(), n=n) / n
             u_f = torch.fft.rfft(u32, n=n)
-            y = torch.fft.irfft(u_f * k_f, n=n)[..., :L]
+            y = torch.fft.irfft(_mul_spectra(u_f, k_f), n=n, norm='forward')[..., :L]
             if D is not None:
                 y = y + u32 * D.float().unsqueeze(-1)
         ctx.save_for_backward(u, u_f, k_f, D)
@@ -137,12 +158,12 @@ class _FFTConv(torch.autograd.Function):
             g32 = grad_y.float()
             g_f = torch.fft.rfft(g32, n=n)
             if ctx.needs_input_grad[0]:
-                gu = torch.fft.irfft(g_f * k_f.conj(), n=n)[..., :L]
+                gu = torch.fft.irfft(_mul_spectra(g_f, k_f, conj=True), n=n, norm='forward')[..., :L]
                 if D is not None:
                     gu = gu + g32 * D.float().unsqueeze(-1)
                 grad_u = gu.sum_to_size(u.shape).to(u.dtype)
             if ctx.needs_input_grad[1]:
-                spec = (g_f * u_f.conj()).sum_to_size(k_f.shape)  # sum over the batch before the irfft
+                spec = _mul_spectra(g_f, u_f, conj=True, sum_to=k_f.shape)  # the batch summed before the irfft
                 grad_k = torch.fft.irfft(spec, n=n)[..., :Lk].to(ctx.k_dtype)
             if D is not None and ctx.needs_input_grad[2]:
                 grad_D = (g32 * u.float()).sum(-1).sum_to_size(D.shape).to(D.dtype)
