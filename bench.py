@@ -16,8 +16,8 @@ Variants are strings, so one call compares them all:
     plain | fast | triton    fftconv implementation (hyena.FFTCONV_IMPL); 'plain' also means cuDNN short conv
     pow2 | smooth            FFT sizes (hyena.FFT_SIZE)
     tf32 | bf16 | ieee       operand precision of the Triton kernel's matmuls (fftconv_triton.TRITON_DOT)
-    conv1d | shift | shift_triton
-                             short conv (hyena.SHORT_CONV; default: shift when compiled, conv1d in eager)
+    conv1d | shift | fused   short conv (hyena.SHORT_CONV; default: shift when compiled, conv1d in eager; fused:
+                             short convs and gates in Triton kernels, gates_triton.py, CUDA)
     compile                  torch.compile(dynamic=False) the module (CUDA only)
     graphs                   CUDA graphs: torch.compile's mode='reduce-overhead' (implies compile; with model and
                              distill variants the compiled blocks or model replay as CUDA graphs)
@@ -73,7 +73,7 @@ check_op_variants = ['hyena-fast', 'hyena-fast-compile', 'hyena-triton', 'hyena-
 mixer_lengths = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 mixer_tokens = 65536
 mixer_variants = ['attention', 'hyena-plain', 'hyena-fast', 'hyena-fast-compile', 'hyena-triton', 'hyena-triton-bf16',
-                  'hyena-triton-compile', 'hyena-triton-bf16-compile', 'hyena-triton-bf16-shift_triton-compile']
+                  'hyena-triton-compile', 'hyena-triton-bf16-compile', 'hyena-triton-bf16-fused-compile']
 # fftconv: the long convolution alone on (B, n_embd, L) bf16, against its memory-bandwidth floor
 fftconv_lengths = [1024, 1536, 2048, 3072, 4096, 6144, 8192, 16384, 65536]
 fftconv_tokens = 65536
@@ -82,14 +82,16 @@ copy_mb = 1024  # size of the device-to-device copy that measures the bandwidth 
 # model: a training step (fwd + bwd + fused AdamW), bf16 autocast
 model_blocks = [1024, 4096, 16384]
 model_tokens = 16384  # tokens per step: batch = model_tokens // block_size
-model_variants = ['teacher', 'student', 'student-triton', 'student-triton-bf16', 'student-triton-bf16-shift_triton',
-                  'teacher-graphs', 'student-triton-bf16-graphs']  # student / teacher: against the last teacher row
+model_variants = ['teacher', 'student', 'student-triton', 'student-triton-bf16', 'student-triton-bf16-fused',
+                  'teacher-graphs', 'student-triton-bf16-graphs', 'student-triton-bf16-fused-graphs']
+#                 (student / teacher: against the last teacher row)
 model_warmup = 3
 model_iters = 10
 # profile: the kernels a training step spends its time in (torch.profiler), per variant
 profile_block = 1024
-profile_variants = ['teacher', 'student', 'student-triton-bf16', 'attention', 'hyena-fast',
-                    'hyena-triton-bf16-compile']  # training steps at profile_block, then mixers at L = profile_block
+profile_variants = ['teacher', 'student', 'student-triton-bf16', 'student-triton-bf16-fused', 'attention',
+                    'hyena-fast', 'hyena-triton-bf16-compile', 'hyena-triton-bf16-fused-compile']
+#                   (training steps at profile_block, then mixers at L = profile_block)
 profile_steps = 3
 profile_top = 15
 compile = True  # torch.compile the training/distill steps on CUDA
@@ -97,7 +99,8 @@ compile_scope = 'blocks'  # 'blocks': each Block compiled (identical blocks shar
 # distill: teacher forward (no_grad) + student fwd/bwd/AdamW on alpha * T^2 * KL + (1 - alpha) * CE
 distill_block = 1024
 distill_tokens = 16384
-distill_variants = ['student', 'student-triton', 'student-graphs', 'student-triton-bf16-graphs']
+distill_variants = ['student', 'student-triton', 'student-graphs', 'student-triton-bf16-graphs',
+                    'student-triton-bf16-fused-graphs']
 kd_temperature = 2.0
 kd_alpha = 0.5
 # generate: prefill a random prompt of each context, then time new tokens with model.generate(use_cache=True)
@@ -258,7 +261,7 @@ def parse_variant(spec):
             opts['fft'] = p
         elif p in fftconv_triton.TRITON_DOTS:
             opts['dot'] = p
-        elif p in ('conv1d', 'shift', 'shift_triton'):
+        elif p in hyena.SHORT_CONVS:
             opts['short'] = p
         elif p == 'compile':
             opts['compile'] = True

@@ -90,10 +90,11 @@ compile = True
 compile_mode = 'default'  # torch.compile's mode; 'reduce-overhead' replays CUDA graphs (fewer launches)
 fftconv_impl = 'fast'  # Hyena long conv: 'fast' (cuFFT), 'plain' (the reference), 'triton' (fused kernels, CUDA)
 triton_dot = 'tf32'  # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee'
+short_conv = 'auto'  # Hyena short convs + gates: 'auto' (torch), 'fused' (Triton kernels, CUDA, order 2)
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
-T.speed_settings(compile_mode, fftconv_impl, triton_dot)
+T.speed_settings(compile_mode, fftconv_impl, triton_dot, short_conv)
 if align_mode not in ('progressive', 'parallel'):
     T.fail(f"align_mode='{align_mode}' is not 'progressive' or 'parallel'")
 

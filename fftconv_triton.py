@@ -17,7 +17,6 @@ the input is zero in rows n1 >= N1/2 (stage one uses half of F_N1) and only outp
 correlation), and a second kernel for grad_k = sum_b IDFT(conj(U_b) G_b) and grad_D = sum_b,t g u, reduced over
 the batch in registers.
 
-Also here: the short conv's weight-gradient reduction (short_conv_weight_grad, hyena.SHORT_CONV 'shift_triton').
 """
 import concurrent.futures
 import contextlib
@@ -259,34 +258,6 @@ if triton is not None:
         off = ((pb * C + c) * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
         _mfft_inverse_store(s_ptr, off, half, mat >= 0, sr, si, wr, wi, F1r, F1i, F2r, F2i, Tr, Ti, PREC)
 
-    @triton.jit
-    def _short_conv_wgrad_kernel(g_ptr, z_ptr, out_ptr, T, W, n_tiles, t_blocks, g_sb, g_sc, g_st, z_sb, z_st, z_sc,
-                                 TILES: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 BLOCK_C: tl.constexpr):
-        """Partial sums of the short conv's parameter gradients over this program's share of the (batch,
-        time-block) tiles: out[p, j, c] = sum g[b, c, t] z[b, t - K + 1 + j, c] for taps j < K, and
-        out[p, K, c] = sum g[b, c, t]. Both tiles are read through their strides, whichever axis is contiguous.
-        TILES is a compile-time constant because Triton's interpreter (the CPU tests) cannot loop a runtime count."""
-        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < W
-        dt = tl.arange(0, BLOCK_T)
-        tap = tl.arange(0, KP)[:, None]
-        acc = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
-        for i in range(TILES):
-            n = tl.program_id(1) * TILES + i
-            b = (n // t_blocks).to(tl.int64)
-            t = (n % t_blocks) * BLOCK_T + dt
-            t_ok = (t < T) & (n < n_tiles)
-            g = tl.load(g_ptr + b * g_sb + c[None, :] * g_sc + t[:, None] * g_st,
-                        mask=t_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.where(tap == K, tl.sum(g, axis=0)[None, :], 0.0)
-            for j in tl.static_range(K):
-                s = t - (K - 1) + j
-                zj = tl.load(z_ptr + b * z_sb + s[:, None] * z_st + c[None, :] * z_sc,
-                             mask=(t_ok & (s >= 0))[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                acc += tl.where(tap == j, tl.sum(g * zj, axis=0)[None, :], 0.0)
-        tl.store(out_ptr + tl.program_id(1) * KP * W + tap * W + c[None, :], acc, mask=c_ok[None, :])
-
 
 def _mfft_plan(L):
     """FFT size N >= 2L (a power of two, >= 512 so every matmul dimension is >= 16) and N = N1 * N2, N1 >= N2."""
@@ -430,68 +401,37 @@ def _mfft_rows_grad_k_impl(au, ag, B, C, H, prec, rows, warps):
     return s.sum(0) if nb > 1 else s.view(s.shape[1:])
 
 
-def short_conv_weight_grad(g, z, K):
-    """The short conv's parameter gradients (hyena.SHORT_CONV 'shift_triton'), fp32 (K + 1, W): sums[j, c] =
-    sum_b,t g[b, c, t] z[b, t - K + 1 + j, c] for the taps j < K, and sums[K, c] = sum_b,t g[b, c, t] (the bias).
-    g (B, W, T) and z (B, T, W), any strides. One Triton reduction on CUDA (or in the interpreter), torch elsewhere."""
-    if triton is not None and (g.is_cuda or _TRITON_INTERPRET):
-        return torch.ops.hyena.short_conv_wgrad(g, z, K)
-    return short_conv_weight_grad_reference(g, z, K)
+_LIB = torch.library.Library('hyena', 'FRAGMENT')
 
 
-def short_conv_weight_grad_reference(g, z, K):
-    """short_conv_weight_grad in torch ops (fp32)."""
-    T = z.shape[1]
-    g = g.float().transpose(1, 2)
-    zp = torch.nn.functional.pad(z.float(), (0, 0, K - 1, 0))
-    return torch.stack([(g * zp[:, j:j + T]).sum((0, 1)) for j in range(K)] + [g.sum((0, 1))])
+def define_op(schema, impl, fake):
+    """A custom op hyena::name (schema 'name(...) -> ...'): opaque to torch.compile, which fuses the pointwise work
+    around it but never traces the launch. Through torch.library.Library rather than torch.library.custom_op: the
+    same op to the compiler, but ~10 instead of ~34 us of Python per call (timed with a no-op body on a 2-core
+    CPU), and the student's training step waits on its launches (BENCHMARKS.md). Once per process."""
+    name = schema.split('(')[0]
+    if hasattr(torch.ops.hyena, name):
+        return
+    _LIB.define(schema)
+    _LIB.impl(name, impl, 'CompositeExplicitAutograd')
+    torch.library.register_fake(f'hyena::{name}', fake, lib=_LIB)
 
 
-def _short_conv_wgrad_impl(g, z, K):
-    B, W, T = g.shape
-    block_t, block_c = 32, 64
-    t_blocks, c_blocks = -(-T // block_t), -(-W // block_c)
-    n_tiles = B * t_blocks
-    per_prog = -(-n_tiles // max(1, min(n_tiles, 1024 // c_blocks)))  # ~1024 programs, each a share of the tiles
-    n_progs = -(-n_tiles // per_prog)
-    KP = 1 << K.bit_length()  # a power of two > K: the K taps and the bias
-    out = torch.empty((n_progs, KP, W), device=g.device, dtype=torch.float32)
-    with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
-        _short_conv_wgrad_kernel[(c_blocks, n_progs)](g, z, out, T, W, n_tiles, t_blocks, *g.stride(),
-                                                      *z.stride(), TILES=per_prog, K=K, KP=KP, BLOCK_T=block_t,
-                                                      BLOCK_C=block_c, num_warps=4)
-    return out.sum(0)[:K + 1]
-
-
-if triton is not None and not hasattr(torch.ops.hyena, 'mfft_conv'):
-    # Custom ops: opaque to torch.compile, which fuses the gates around them but never traces the launches.
-    # Defined through torch.library.Library rather than torch.library.custom_op: the same op to the compiler,
-    # but ~10 instead of ~34 us of Python per call (timed with a no-op body on a 2-core CPU), and the
-    # student's training step waits on its launches (BENCHMARKS.md).
-    _LIB = torch.library.Library('hyena', 'DEF')
-
-    def _define(schema, impl, fake):
-        name = schema.split('(')[0]
-        _LIB.define(schema)
-        _LIB.impl(name, impl, 'CompositeExplicitAutograd')
-        torch.library.register_fake(f'hyena::{name}', fake, lib=_LIB)
-
+if triton is not None:
     def _corr_fake(u, g, n1, n2, lk, prec, rows, warps):
         nb = -(-u.shape[0] // rows)
         return u.new_empty(nb, u.shape[1], lk, dtype=torch.float32), u.new_empty(nb, u.shape[1], dtype=torch.float32)
 
-    _define('mfft_conv(Tensor u, Tensor kr, Tensor ki, Tensor d, str prec, int rows, int warps) -> Tensor',
-            _mfft_conv_impl, lambda u, kr, ki, d, prec, rows, warps: torch.empty_like(u))
-    _define('mfft_corr(Tensor u, Tensor g, int n1, int n2, int lk, str prec, int rows, int warps) -> (Tensor, Tensor)',
-            _mfft_corr_impl, _corr_fake)
-    _define('mfft_rows(Tensor a, Tensor k, int c, int h, str mode, str prec, int rows, int warps) -> Tensor',
-            _mfft_rows_impl, lambda a, k, c, h, mode, prec, rows, warps: torch.empty_like(a))
-    _define('mfft_rows_grad_k(Tensor au, Tensor ag, int b, int c, int h, str prec, int rows, int warps) -> Tensor',
-            _mfft_rows_grad_k_impl,
-            lambda au, ag, b, c, h, prec, rows, warps: au.new_empty((c, 2 * h + 2, au.shape[-1]),
-                                                                    dtype=_grad_k_dtype(au)))
-    _define('short_conv_wgrad(Tensor g, Tensor z, int k) -> Tensor', _short_conv_wgrad_impl,
-            lambda g, z, k: g.new_empty((k + 1, g.shape[1]), dtype=torch.float32))
+    define_op('mfft_conv(Tensor u, Tensor kr, Tensor ki, Tensor d, str prec, int rows, int warps) -> Tensor',
+              _mfft_conv_impl, lambda u, kr, ki, d, prec, rows, warps: torch.empty_like(u))
+    define_op('mfft_corr(Tensor u, Tensor g, int n1, int n2, int lk, str prec, int rows, int warps) -> (Tensor, Tensor)',
+              _mfft_corr_impl, _corr_fake)
+    define_op('mfft_rows(Tensor a, Tensor k, int c, int h, str mode, str prec, int rows, int warps) -> Tensor',
+              _mfft_rows_impl, lambda a, k, c, h, mode, prec, rows, warps: torch.empty_like(a))
+    define_op('mfft_rows_grad_k(Tensor au, Tensor ag, int b, int c, int h, str prec, int rows, int warps) -> Tensor',
+              _mfft_rows_grad_k_impl,
+              lambda au, ag, b, c, h, prec, rows, warps: au.new_empty((c, 2 * h + 2, au.shape[-1]),
+                                                                      dtype=_grad_k_dtype(au)))
 
 
 class MonarchFFTConv(torch.autograd.Function):

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fftconv_triton
+import gates_triton
 
 
 # ---- speed settings (issue 5) ----------------------------------------------------------------------------
@@ -32,9 +33,11 @@ FFTCONV_IMPL = 'fast'   # fftconv(): 'plain' (autograd through torch.fft, the re
 #                         Function whose backward reuses the forward spectra and uses irfft, not autograd's
 #                         full complex FFT), 'triton' (fused FFT conv as matmuls, FlashFFTConv-style; CUDA,
 #                         one kernel up to L = fftconv_triton.TRITON_MAX_N / 2, four-step beyond; 'fast' on CPU)
+SHORT_CONVS = ('auto', 'conv1d', 'shift', 'fused')  # what SHORT_CONV may be
 SHORT_CONV = 'auto'     # short_conv(): 'conv1d' (cuDNN depthwise), 'shift' (K shifted multiply-adds, which
-#                         torch.compile fuses with the gates and transposes), 'shift_triton' ('shift' with a
-#                         Triton kernel for its weight gradient), 'auto' (shift when compiling)
+#                         torch.compile fuses with the gates and transposes), 'auto' (shift when compiling),
+#                         'fused' (order 2 on CUDA: the short convs and gates around the long convolution in
+#                         Triton kernels, gates_triton.py; 'auto' elsewhere)
 
 
 def fft_size(n, mode=None):
@@ -174,20 +177,18 @@ def short_conv(z, conv):
     """The depthwise causal short conv of `conv` (an nn.Conv1d with groups = channels, padding K - 1) along
     the time axis of z (B, T, W), returned as (B, W, T) (maybe a strided view). SHORT_CONV picks cuDNN's
     conv1d or K shifted multiply-adds, y[t] = b + sum_j w[j] z[t - K + 1 + j], which torch.compile fuses
-    with the transposes and gates around it (a conv1d is an opaque library call to the compiler); 'shift_triton'
-    is 'shift' with its weight and bias gradients from one Triton reduction (ShiftShortConv). Running the whole
-    operator channel-major instead, so that these reductions read contiguous rows, did not make it faster
-    (BENCHMARKS.md): what costs is the number of passes over the activations, not their layout."""
+    with the transposes and gates around it (a conv1d is an opaque library call to the compiler). Running the
+    whole operator channel-major instead, so that the weight gradients' reductions read contiguous rows, did not
+    make it faster (BENCHMARKS.md): what costs is the number of passes over the activations, not their layout;
+    hence SHORT_CONV 'fused', which makes one pass per gate and direction (gates_triton.py)."""
     T = z.shape[1]
     mode = SHORT_CONV
-    if mode == 'auto':
+    if mode in ('auto', 'fused'):  # 'fused' reaches here only where gates_triton does not apply
         mode = 'shift' if torch.compiler.is_compiling() else 'conv1d'
     if mode == 'conv1d':
         return conv(z.transpose(1, 2))[..., :T]
-    if mode == 'shift_triton':
-        return ShiftShortConv.apply(z, conv.weight, conv.bias)
     if mode != 'shift':
-        raise ValueError(f"SHORT_CONV must be 'auto', 'conv1d', 'shift' or 'shift_triton', got {mode!r}")
+        raise ValueError(f"SHORT_CONV must be one of {', '.join(SHORT_CONVS)}, got {mode!r}")
     return _shifted_sum(z, conv.weight, conv.bias).transpose(1, 2)
 
 
@@ -202,33 +203,6 @@ def _shifted_sum(z, weight, bias):
     if bias is not None:
         y = y + bias.to(z.dtype)
     return y
-
-
-class ShiftShortConv(torch.autograd.Function):
-    """short_conv's 'shift_triton': the forward of 'shift', the weight and bias gradients from one Triton
-    reduction over batch and time (fftconv_triton.short_conv_weight_grad; torch on CPU). Inductor's own
-    reduction for them, fused with the layout's transposes, was the Hyena layer's slowest kernel in an older
-    training-step profile; measured against 'shift' since, the operator is faster at 1K, 4K and 64K but slower at
-    2K, and the training step about the same (BENCHMARKS.md), hence opt-in. z (B, T, W) -> (B, W, T)."""
-
-    @staticmethod
-    def forward(ctx, z, weight, bias):
-        ctx.save_for_backward(z, weight)
-        ctx.has_bias = bias is not None
-        return _shifted_sum(z, weight, bias).transpose(1, 2)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        z, weight = ctx.saved_tensors
-        K, T = weight.shape[-1], z.shape[1]
-        w = weight.squeeze(1).to(grad_y.dtype)  # (W, K)
-        padded = F.pad(grad_y, (0, K - 1))  # z[s] reaches y[s + K - 1 - j] through tap j
-        grad_z = padded[..., K - 1:K - 1 + T] * w[:, :1]
-        for j in range(1, K):
-            grad_z = grad_z + padded[..., K - 1 - j:K - 1 - j + T] * w[:, j:j + 1]
-        sums = fftconv_triton.short_conv_weight_grad(grad_y, z, K)  # (K + 1, W): the taps, then the bias
-        grad_bias = sums[K].to(weight.dtype) if ctx.has_bias else None
-        return grad_z.transpose(1, 2).to(z.dtype), sums[:K].t().unsqueeze(1).to(weight.dtype), grad_bias
 
 
 class Sin(nn.Module):
@@ -323,7 +297,13 @@ class HyenaOperator(nn.Module):
         if cache is not None and 'history' in cache:
             return self._step(x, cache)
         B, T, D = x.shape
-        u = short_conv(self.in_proj(x), self.short_filter)  # (B, (N+1)D, T), maybe a transposed view
+        p = self.in_proj(x)
+        if SHORT_CONV == 'fused' and cache is None and gates_triton.applies(p, self.order, self.short_filter):
+            (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, self.short_filter)
+            z = self.dropout(gates_triton.GateIn.apply(a, v, wa, ba, wv, bv))  # sc(x_1) * sc(v), (B, D, T)
+            y = fftconv(z, self.filter(T), self.filter.bias)
+            return self.out_proj(gates_triton.GateOut.apply(y, q, wq, bq))  # y * sc(x_0), (B, T, D)
+        u = short_conv(p, self.short_filter)  # (B, (N+1)D, T), maybe a transposed view
         *gates, v = u.split(D, dim=1)
         h = self.filter(T).view(self.order - 1, D, T)
         skip = self.filter.bias.view(self.order - 1, D)

@@ -76,10 +76,11 @@ compile = True  # torch.compile; falls back to eager with a message where it can
 compile_mode = 'default'  # torch.compile's mode; 'reduce-overhead' replays CUDA graphs (fewer launches)
 fftconv_impl = 'fast'  # Hyena long conv: 'fast' (cuFFT), 'plain' (the reference), 'triton' (fused kernels, CUDA)
 triton_dot = 'tf32'  # operand precision of the Triton kernels' matmuls: 'tf32', 'bf16' or 'ieee'
+short_conv = 'auto'  # Hyena short convs + gates: 'auto' (torch), 'fused' (Triton kernels, CUDA, order 2)
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
-T.speed_settings(compile_mode, fftconv_impl, triton_dot)
+T.speed_settings(compile_mode, fftconv_impl, triton_dot, short_conv)
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout', 'pos_emb',
               'hyena_layers', 'hyena_order', 'hyena_filter_order', 'hyena_emb_dim', 'hyena_filter_freq',
               'hyena_short_filter_order')

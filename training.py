@@ -197,16 +197,16 @@ def check_compile_mode(compile_mode):
         fail(f"compile_mode='{compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
 
 
-def speed_settings(compile_mode, impl, dot):
-    """The config keys compile_mode, fftconv_impl and triton_dot checked, and the last two applied: the Hyena long
-    convolution's hyena.FFTCONV_IMPL ('plain', 'fast', 'triton') and fftconv_triton.TRITON_DOT ('tf32', 'bf16',
-    'ieee') for this run."""
+def speed_settings(compile_mode, impl, dot, short):
+    """The config keys compile_mode, fftconv_impl, triton_dot and short_conv checked, and the last three applied:
+    the Hyena long convolution's hyena.FFTCONV_IMPL ('plain', 'fast', 'triton'), fftconv_triton.TRITON_DOT ('tf32',
+    'bf16', 'ieee') and the short convs' hyena.SHORT_CONV ('auto', 'conv1d', 'shift', 'fused') for this run."""
     check_compile_mode(compile_mode)
-    if impl not in hyena.FFTCONV_IMPLS:
-        fail(f"fftconv_impl='{impl}' is not one of {', '.join(hyena.FFTCONV_IMPLS)}")
-    if dot not in fftconv_triton.TRITON_DOTS:
-        fail(f"triton_dot='{dot}' is not one of {', '.join(fftconv_triton.TRITON_DOTS)}")
-    hyena.FFTCONV_IMPL, fftconv_triton.TRITON_DOT = impl, dot
+    for key, value, allowed in (('fftconv_impl', impl, hyena.FFTCONV_IMPLS),
+                                ('triton_dot', dot, fftconv_triton.TRITON_DOTS), ('short_conv', short, hyena.SHORT_CONVS)):
+        if value not in allowed:
+            fail(f"{key}='{value}' is not one of {', '.join(allowed)}")
+    hyena.FFTCONV_IMPL, fftconv_triton.TRITON_DOT, hyena.SHORT_CONV = impl, dot, short
 
 
 def cuda_graphs(compile_mode, compiled, device):

@@ -172,7 +172,8 @@ def test_unknown_config_key_is_a_one_line_error_listing_valid_keys(tmp_path):
 @pytest.mark.parametrize('script', ['train_teacher.py', 'distill.py'])
 @pytest.mark.parametrize('override,message', [('--compile_mode=fastest', "compile_mode='fastest' is not one of"),
                                               ('--fftconv_impl=cufft', "fftconv_impl='cufft' is not"),
-                                              ('--triton_dot=fp8', "triton_dot='fp8' is not")])
+                                              ('--triton_dot=fp8', "triton_dot='fp8' is not"),
+                                              ('--short_conv=fast', "short_conv='fast' is not")])
 def test_unknown_speed_setting_is_a_one_line_error(script, override, message):
     assert_one_line_error(run_script(script, override), message)
 
@@ -180,8 +181,9 @@ def test_unknown_speed_setting_is_a_one_line_error(script, override, message):
 def test_fftconv_settings_reach_hyena(monkeypatch):
     monkeypatch.setattr(hyena, 'FFTCONV_IMPL', hyena.FFTCONV_IMPL)
     monkeypatch.setattr(fftconv_triton, 'TRITON_DOT', fftconv_triton.TRITON_DOT)
-    T.speed_settings('default', 'triton', 'bf16')
-    assert (hyena.FFTCONV_IMPL, fftconv_triton.TRITON_DOT) == ('triton', 'bf16')
+    monkeypatch.setattr(hyena, 'SHORT_CONV', hyena.SHORT_CONV)
+    T.speed_settings('default', 'triton', 'bf16', 'fused')
+    assert (hyena.FFTCONV_IMPL, fftconv_triton.TRITON_DOT, hyena.SHORT_CONV) == ('triton', 'bf16', 'fused')
 
 
 def test_under_cuda_graphs_gradients_stay_allocated_and_accumulate_in_place():

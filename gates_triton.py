@@ -1,0 +1,278 @@
+"""
+The short convs and gates around an order-2 Hyena operator's long convolution, as Triton kernels
+(hyena.SHORT_CONV = 'fused'). Opt-in and CUDA only (CPU tests run them in Triton's interpreter; elsewhere the
+operator takes its torch path). With p = in_proj(x) split into the streams q, a, v (each (B, T, D), token-major)
+and sc() the depthwise causal short conv of width K,
+
+    z = sc(a) * sc(v)             (B, D, T)   gate_in: the long convolution's input, channel-major
+    y = fftconv(z, h, skip)       (B, D, T)
+    o = y^T * sc(q)               (B, T, D)   gate_out: out_proj's input, token-major
+
+which is hyena.HyenaOperator.forward for order 2. Under torch.compile inductor fuses this pointwise work, but its
+backward (the gates' and short convs' gradients, their weight and bias reductions over batch and time, the
+transposes between the two layouts) took ~3 ms of memory-bound kernels per operator at B * L = 64K on the H200,
+against the long convolution's ~0.8 ms (BENCHMARKS.md, "Where the operator's time goes"). Here each gate is one
+kernel per direction: a (BLOCK_T, BLOCK_C) tile of each stream is read once (the short conv's K - 1 neighbours
+come from L1/L2), the transposed tile is written once, and the backward kernels reduce the short conv's weight
+and bias gradients over their tiles in registers.
+"""
+import contextlib
+
+import torch
+
+import fftconv_triton
+from fftconv_triton import define_op, tl, triton
+
+BLOCK_T, BLOCK_C = 32, 64  # a tile: time steps x channels
+
+
+def applies(p, order, short_filter):
+    """Whether the fused path runs: hyena.SHORT_CONV == 'fused' (checked by the caller), an order-2 operator whose
+    short conv has a bias, and in_proj's output p on CUDA (or in the interpreter) with contiguous channels."""
+    return (triton is not None and order == 2 and short_filter.bias is not None and p.stride(-1) == 1
+            and (p.is_cuda or fftconv_triton._TRITON_INTERPRET))
+
+
+if triton is not None:
+    @triton.jit
+    def _tile(t_blocks, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile: batch row, time steps and channels (program axis 0 the (batch, time-block) tiles,
+        axis 1 the channel blocks)."""
+        n = tl.program_id(0)
+        t = (n % t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        return (n // t_blocks).to(tl.int64), t, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+
+    @triton.jit
+    def _short_conv_tile(x_ptr, w_ptr, b_ptr, row, t, c, c_ok, T, x_st, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+        """sc(x)[t, c] = b[c] + sum_j w[c, j] x[t - K + 1 + j, c], x zero before t = 0: fp32 (BLOCK_T, BLOCK_C)."""
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(K):
+            s = t - (K - 1) + j
+            x = tl.load(x_ptr + row + s[:, None] * x_st + c[None, :], mask=((s >= 0) & (s < T))[:, None] & c_ok[None, :],
+                        other=0.0)
+            acc += tl.load(w_ptr + c * K + j, mask=c_ok, other=0.0).to(tl.float32)[None, :] * x.to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _weight_grad_sums(gs, x_ptr, row, t, c, c_ok, T, x_st, sums_ptr, W, K: tl.constexpr, KP: tl.constexpr):
+        """This tile's share of the short conv's parameter gradients, gs the gradient of its output:
+        sums[tile, j, c] = sum_t gs[t, c] x[t - K + 1 + j, c] for the taps j < K, sums[tile, K, c] = sum_t gs[t, c]."""
+        tap = tl.arange(0, KP)[:, None]
+        acc = tl.where(tap == K, tl.sum(gs, axis=0)[None, :], 0.0)
+        for j in tl.static_range(K):
+            s = t - (K - 1) + j
+            x = tl.load(x_ptr + row + s[:, None] * x_st + c[None, :], mask=((s >= 0) & (s < T))[:, None] & c_ok[None, :],
+                        other=0.0)
+            acc += tl.where(tap == j, tl.sum(gs * x.to(tl.float32), axis=0)[None, :], 0.0)
+        tl.store(sums_ptr + tl.program_id(0) * KP * W + tap * W + c[None, :], acc, mask=c_ok[None, :])
+
+    @triton.jit
+    def _gate_in_kernel(a_ptr, v_ptr, wa_ptr, ba_ptr, wv_ptr, bv_ptr, z_ptr, T, D, t_blocks, a_sb, a_st, v_sb, v_st,
+                        K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """z[b, c, t] = sc(a)[b, t, c] * sc(v)[b, t, c]."""
+        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        c_ok = c < D
+        z = (_short_conv_tile(a_ptr, wa_ptr, ba_ptr, b * a_sb, t, c, c_ok, T, a_st, K, BLOCK_T, BLOCK_C)
+             * _short_conv_tile(v_ptr, wv_ptr, bv_ptr, b * v_sb, t, c, c_ok, T, v_st, K, BLOCK_T, BLOCK_C))
+        tl.store(z_ptr + (b * D + c[None, :]) * T + t[:, None], z.to(z_ptr.dtype.element_ty),
+                 mask=(t < T)[:, None] & c_ok[None, :])
+
+    @triton.jit
+    def _gate_out_kernel(y_ptr, q_ptr, wq_ptr, bq_ptr, o_ptr, T, D, t_blocks, y_sb, y_sc, y_st, q_sb, q_st,
+                         K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """o[b, t, c] = y[b, c, t] * sc(q)[b, t, c]."""
+        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        c_ok = c < D
+        mask = (t < T)[:, None] & c_ok[None, :]
+        y = tl.load(y_ptr + b * y_sb + c[None, :] * y_sc + t[:, None] * y_st, mask=mask, other=0.0).to(tl.float32)
+        o = y * _short_conv_tile(q_ptr, wq_ptr, bq_ptr, b * q_sb, t, c, c_ok, T, q_st, K, BLOCK_T, BLOCK_C)
+        tl.store(o_ptr + (b * T + t[:, None]) * D + c[None, :], o.to(o_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gate_in_bwd_kernel(gz_ptr, a_ptr, v_ptr, wa_ptr, ba_ptr, wv_ptr, bv_ptr, gs_ptr, sums_a_ptr, sums_v_ptr, T,
+                            D, t_blocks, gz_sb, gz_sc, gz_st, a_sb, a_st, v_sb, v_st, K: tl.constexpr,
+                            KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Given gz = dL/dz (B, D, T): the gradients of sc(a) and sc(v), gz^T * sc(v) and gz^T * sc(a), into
+        gs (B, T, 2D), and this tile's partial sums of both short convs' weight and bias gradients."""
+        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        c_ok = c < D
+        mask = (t < T)[:, None] & c_ok[None, :]
+        gz = tl.load(gz_ptr + b * gz_sb + c[None, :] * gz_sc + t[:, None] * gz_st, mask=mask, other=0.0).to(tl.float32)
+        gs_a = gz * _short_conv_tile(v_ptr, wv_ptr, bv_ptr, b * v_sb, t, c, c_ok, T, v_st, K, BLOCK_T, BLOCK_C)
+        gs_v = gz * _short_conv_tile(a_ptr, wa_ptr, ba_ptr, b * a_sb, t, c, c_ok, T, a_st, K, BLOCK_T, BLOCK_C)
+        out = gs_ptr + (b * T + t[:, None]) * (2 * D) + c[None, :]
+        tl.store(out, gs_a.to(gs_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + D, gs_v.to(gs_ptr.dtype.element_ty), mask=mask)
+        _weight_grad_sums(gs_a, a_ptr, b * a_sb, t, c, c_ok, T, a_st, sums_a_ptr, D, K, KP)
+        _weight_grad_sums(gs_v, v_ptr, b * v_sb, t, c, c_ok, T, v_st, sums_v_ptr, D, K, KP)
+
+    @triton.jit
+    def _gate_out_bwd_kernel(go_ptr, y_ptr, q_ptr, wq_ptr, bq_ptr, gy_ptr, gs_ptr, sums_ptr, T, D, t_blocks, go_sb,
+                             go_st, y_sb, y_sc, y_st, q_sb, q_st, K: tl.constexpr, KP: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Given go = dL/do (B, T, D): gy = go^T * sc(q) (B, D, T), the gradient of sc(q), go * y^T, into gs
+        (B, T, D), and this tile's partial sums of the short conv's weight and bias gradients."""
+        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        c_ok = c < D
+        mask = (t < T)[:, None] & c_ok[None, :]
+        go = tl.load(go_ptr + b * go_sb + t[:, None] * go_st + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + b * y_sb + c[None, :] * y_sc + t[:, None] * y_st, mask=mask, other=0.0).to(tl.float32)
+        sc = _short_conv_tile(q_ptr, wq_ptr, bq_ptr, b * q_sb, t, c, c_ok, T, q_st, K, BLOCK_T, BLOCK_C)
+        tl.store(gy_ptr + (b * D + c[None, :]) * T + t[:, None], (go * sc).to(gy_ptr.dtype.element_ty), mask=mask)
+        gs = go * y
+        tl.store(gs_ptr + (b * T + t[:, None]) * D + c[None, :], gs.to(gs_ptr.dtype.element_ty), mask=mask)
+        _weight_grad_sums(gs, q_ptr, b * q_sb, t, c, c_ok, T, q_st, sums_ptr, D, K, KP)
+
+    @triton.jit
+    def _short_conv_input_grad_kernel(gs_ptr, w_ptr, gx_ptr, T, W, t_blocks, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                                      BLOCK_C: tl.constexpr):
+        """gx[b, t, c] = sum_s w[c, K - 1 - s] gs[b, t + s, c]: the gradient of the short conv's input x (B, T, W),
+        given gs, that of its output (contiguous, as gx), and its weight w (W, K): x[t] reaches sc[t + s] through
+        tap K - 1 - s."""
+        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        c_ok = c < W
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for s in tl.static_range(K):
+            ts = t + s
+            g = tl.load(gs_ptr + (b * T + ts[:, None]) * W + c[None, :], mask=(ts < T)[:, None] & c_ok[None, :],
+                        other=0.0)
+            acc += tl.load(w_ptr + c * K + (K - 1 - s), mask=c_ok, other=0.0).to(tl.float32)[None, :] * g.to(tl.float32)
+        tl.store(gx_ptr + (b * T + t[:, None]) * W + c[None, :], acc.to(gx_ptr.dtype.element_ty),
+                 mask=(t < T)[:, None] & c_ok[None, :])
+
+
+def _grid(B, T, W):
+    """(grid, time blocks): one program per (batch, time-block) tile and block of channels."""
+    t_blocks = -(-T // BLOCK_T)
+    return (B * t_blocks, -(-W // BLOCK_C)), t_blocks
+
+
+def _device(x):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _gate_in_impl(a, v, wa, ba, wv, bv):
+    B, T, D = a.shape
+    z = a.new_empty(B, D, T)
+    grid, t_blocks = _grid(B, T, D)
+    with _device(a):
+        _gate_in_kernel[grid](a, v, wa, ba, wv, bv, z, T, D, t_blocks, a.stride(0), a.stride(1), v.stride(0),
+                              v.stride(1), K=wa.shape[1], BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    return z
+
+
+def _gate_out_impl(y, q, wq, bq):
+    B, T, D = q.shape
+    o = q.new_empty(B, T, D)
+    grid, t_blocks = _grid(B, T, D)
+    with _device(q):
+        _gate_out_kernel[grid](y, q, wq, bq, o, T, D, t_blocks, *y.stride(), q.stride(0), q.stride(1),
+                               K=wq.shape[1], BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    return o
+
+
+def _sums(n_tiles, K, D, device):
+    """Per-tile partial sums of the weight and bias gradients: (tiles, KP, D) fp32, KP a power of two > K."""
+    return torch.empty((n_tiles, 1 << K.bit_length(), D), device=device, dtype=torch.float32)
+
+
+def _short_conv_input_grad(gs, w):
+    """gs (B, T, W) contiguous, the gradient of a short conv's output; w (W, K) -> the gradient of its input."""
+    B, T, W = gs.shape
+    gx = torch.empty_like(gs)
+    grid, t_blocks = _grid(B, T, W)
+    with _device(gs):
+        _short_conv_input_grad_kernel[grid](gs, w, gx, T, W, t_blocks, K=w.shape[1], BLOCK_T=BLOCK_T,
+                                            BLOCK_C=BLOCK_C)
+    return gx
+
+
+def _gate_in_bwd_impl(gz, a, v, wa, ba, wv, bv):
+    B, T, D = a.shape
+    K = wa.shape[1]
+    gs = a.new_empty(B, T, 2 * D)
+    grid, t_blocks = _grid(B, T, D)
+    sums_a, sums_v = _sums(grid[0], K, D, a.device), _sums(grid[0], K, D, a.device)
+    with _device(a):
+        _gate_in_bwd_kernel[grid](gz, a, v, wa, ba, wv, bv, gs, sums_a, sums_v, T, D, t_blocks, *gz.stride(),
+                                  a.stride(0), a.stride(1), v.stride(0), v.stride(1), K=K, KP=sums_a.shape[1],
+                                  BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    return _short_conv_input_grad(gs, torch.cat([wa, wv])), sums_a.sum(0)[:K + 1], sums_v.sum(0)[:K + 1]
+
+
+def _gate_out_bwd_impl(go, y, q, wq, bq):
+    B, T, D = q.shape
+    K = wq.shape[1]
+    gy, gs = y.new_empty(B, D, T), q.new_empty(B, T, D)
+    grid, t_blocks = _grid(B, T, D)
+    sums = _sums(grid[0], K, D, q.device)
+    with _device(q):
+        _gate_out_bwd_kernel[grid](go, y, q, wq, bq, gy, gs, sums, T, D, t_blocks, go.stride(0), go.stride(1),
+                                   *y.stride(), q.stride(0), q.stride(1), K=K, KP=sums.shape[1], BLOCK_T=BLOCK_T,
+                                   BLOCK_C=BLOCK_C)
+    return gy, _short_conv_input_grad(gs, wq), sums.sum(0)[:K + 1]
+
+
+if triton is not None:
+    def _wsums_fake(w):
+        return w.new_empty((w.shape[1] + 1, w.shape[0]), dtype=torch.float32)
+
+    define_op('gate_in(Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv) -> Tensor', _gate_in_impl,
+              lambda a, v, wa, ba, wv, bv: a.new_empty(a.shape[0], a.shape[2], a.shape[1]))
+    define_op('gate_out(Tensor y, Tensor q, Tensor wq, Tensor bq) -> Tensor', _gate_out_impl,
+              lambda y, q, wq, bq: q.new_empty(q.shape))
+    define_op('gate_out_bwd(Tensor go, Tensor y, Tensor q, Tensor wq, Tensor bq) -> (Tensor, Tensor, Tensor)',
+              _gate_out_bwd_impl, lambda go, y, q, wq, bq: (y.new_empty(y.shape), q.new_empty(q.shape), _wsums_fake(wq)))
+    define_op('gate_in_bwd(Tensor gz, Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv) '
+              '-> (Tensor, Tensor, Tensor)', _gate_in_bwd_impl,
+              lambda gz, a, v, wa, ba, wv, bv: (a.new_empty(a.shape[0], a.shape[1], 2 * a.shape[2]), _wsums_fake(wa),
+                                                _wsums_fake(wv)))
+
+
+def _param_grads(sums, w, b):
+    """(K + 1, D) sums -> the gradients of a (D, K) weight and a (D,) bias."""
+    K = w.shape[1]
+    return sums[:K].t().to(w.dtype), sums[K].to(b.dtype)
+
+
+class GateIn(torch.autograd.Function):
+    """z = sc(a) * sc(v), (B, D, T) contiguous, in a's dtype: a, v (B, T, D) with contiguous channels (views of
+    in_proj's output), w* (D, K) contiguous, b* (D,). Saves its inputs; the backward recomputes sc()."""
+
+    @staticmethod
+    def forward(ctx, a, v, wa, ba, wv, bv):
+        ctx.save_for_backward(a, v, wa, ba, wv, bv)
+        return torch.ops.hyena.gate_in(a, v, wa, ba, wv, bv)
+
+    @staticmethod
+    def backward(ctx, gz):
+        a, v, wa, ba, wv, bv = ctx.saved_tensors
+        g_av, sums_a, sums_v = torch.ops.hyena.gate_in_bwd(gz.to(a.dtype), a, v, wa, ba, wv, bv)  # (B, T, 2D)
+        return tuple(g_av.split(a.shape[-1], dim=-1)) + _param_grads(sums_a, wa, ba) + _param_grads(sums_v, wv, bv)
+
+
+class GateOut(torch.autograd.Function):
+    """o = y^T * sc(q), (B, T, D) contiguous, in q's dtype: y (B, D, T) (any strides), q (B, T, D) with contiguous
+    channels, wq (D, K) contiguous, bq (D,). Saves its inputs; the backward recomputes sc(q)."""
+
+    @staticmethod
+    def forward(ctx, y, q, wq, bq):
+        ctx.save_for_backward(y, q, wq, bq)
+        return torch.ops.hyena.gate_out(y, q, wq, bq)
+
+    @staticmethod
+    def backward(ctx, go):
+        y, q, wq, bq = ctx.saved_tensors
+        if go.stride(-1) != 1:  # the kernel reads channels contiguously
+            go = go.contiguous()
+        gy, gq, sums = torch.ops.hyena.gate_out_bwd(go.to(q.dtype), y, q, wq, bq)
+        return (gy, gq) + _param_grads(sums, wq, bq)
+
+
+def gates(p, short_filter):
+    """The streams of in_proj's output p (B, T, 3D) and the short conv's weights, split for gate_in and gate_out:
+    ((q, wq, bq), (a, wa, ba), (v, wv, bv)), each a view."""
+    D, K = p.shape[-1] // 3, short_filter.kernel_size[0]
+    weight, bias = short_filter.weight.view(3, D, K), short_filter.bias.view(3, D)
+    return tuple((x, weight[i], bias[i]) for i, x in enumerate(p.split(D, dim=-1)))
