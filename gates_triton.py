@@ -11,10 +11,10 @@ and sc() the depthwise causal short conv of width K,
 which is hyena.HyenaOperator.forward for order 2. Under torch.compile inductor fuses this pointwise work, but its
 backward (the gates' and short convs' gradients, their weight and bias reductions over batch and time, the
 transposes between the two layouts) took ~3 ms of memory-bound kernels per operator at B * L = 64K on the H200,
-against the long convolution's ~0.8 ms (BENCHMARKS.md, "Where the operator's time goes"). Here each gate is one
-kernel per direction: a (BLOCK_T, BLOCK_C) tile of each stream is read once (the short conv's K - 1 neighbours
-come from L1/L2), the transposed tile is written once, and the backward kernels reduce the short conv's weight
-and bias gradients over their tiles in registers.
+against the long convolution's ~0.8 ms (BENCHMARKS.md, "Where the operator's time goes"). Here each gate's forward
+is one kernel: a (BLOCK_T, BLOCK_C) tile of each stream is read once (the short conv's K - 1 neighbours come from
+L1/L2) and the transposed tile written once. Its backward is two: one writes the gradients of the short convs'
+outputs and sums this tile's share of their weight and bias gradients, one applies the short convs' transpose.
 """
 import contextlib
 
@@ -23,7 +23,7 @@ import torch
 import fftconv_triton
 from fftconv_triton import define_op, tl, triton
 
-BLOCK_T, BLOCK_C = 32, 64  # a tile: time steps x channels
+BLOCK_T, BLOCK_C = 64, 64  # a tile: time steps x channels (the fastest of seven shapes on the H200, BENCHMARKS.md)
 
 
 def applies(p, order, short_filter):
@@ -46,11 +46,12 @@ if triton is not None:
     def _short_conv_tile(x_ptr, w_ptr, b_ptr, row, t, c, c_ok, T, x_st, K: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_C: tl.constexpr):
         """sc(x)[t, c] = b[c] + sum_j w[c, j] x[t - K + 1 + j, c], x zero before t = 0: fp32 (BLOCK_T, BLOCK_C)."""
-        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
         for j in tl.static_range(K):
             s = t - (K - 1) + j
-            x = tl.load(x_ptr + row + s[:, None] * x_st + c[None, :], mask=((s >= 0) & (s < T))[:, None] & c_ok[None, :],
-                        other=0.0)
+            x = tl.load(x_ptr + row + s[:, None] * x_st + c[None, :],
+                        mask=((s >= 0) & (s < T))[:, None] & c_ok[None, :], other=0.0)
             acc += tl.load(w_ptr + c * K + j, mask=c_ok, other=0.0).to(tl.float32)[None, :] * x.to(tl.float32)
         return acc
 
@@ -62,8 +63,8 @@ if triton is not None:
         acc = tl.where(tap == K, tl.sum(gs, axis=0)[None, :], 0.0)
         for j in tl.static_range(K):
             s = t - (K - 1) + j
-            x = tl.load(x_ptr + row + s[:, None] * x_st + c[None, :], mask=((s >= 0) & (s < T))[:, None] & c_ok[None, :],
-                        other=0.0)
+            x = tl.load(x_ptr + row + s[:, None] * x_st + c[None, :],
+                        mask=((s >= 0) & (s < T))[:, None] & c_ok[None, :], other=0.0)
             acc += tl.where(tap == j, tl.sum(gs * x.to(tl.float32), axis=0)[None, :], 0.0)
         tl.store(sums_ptr + tl.program_id(0) * KP * W + tap * W + c[None, :], acc, mask=c_ok[None, :])
 
@@ -223,7 +224,8 @@ if triton is not None:
     define_op('gate_out(Tensor y, Tensor q, Tensor wq, Tensor bq) -> Tensor', _gate_out_impl,
               lambda y, q, wq, bq: q.new_empty(q.shape))
     define_op('gate_out_bwd(Tensor go, Tensor y, Tensor q, Tensor wq, Tensor bq) -> (Tensor, Tensor, Tensor)',
-              _gate_out_bwd_impl, lambda go, y, q, wq, bq: (y.new_empty(y.shape), q.new_empty(q.shape), _wsums_fake(wq)))
+              _gate_out_bwd_impl,
+              lambda go, y, q, wq, bq: (y.new_empty(y.shape), q.new_empty(q.shape), _wsums_fake(wq)))
     define_op('gate_in_bwd(Tensor gz, Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv) '
               '-> (Tensor, Tensor, Tensor)', _gate_in_bwd_impl,
               lambda gz, a, v, wa, ba, wv, bv: (a.new_empty(a.shape[0], a.shape[1], 2 * a.shape[2]), _wsums_fake(wa),
