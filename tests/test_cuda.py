@@ -78,7 +78,7 @@ def test_compiled_fast_fftconv_gradients_match_eager(dtype):
 
 @pytest.mark.parametrize('impl', ['fast', 'triton'])
 def test_fused_gates_give_the_torch_paths_values_and_gradients(impl, monkeypatch):
-    # B * T / 64 = 79 time tiles (one partial), 96 channels = 1.5 channel blocks, K = 4
+    # T = 1000: the last time tile of each row is partial; 96 channels: 1.5 channel blocks of 64; K = 4
     import fftconv_triton
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     monkeypatch.setattr(fftconv_triton, 'TRITON_DOT', 'ieee')  # exact: the two runs' convolutions agree
