@@ -292,14 +292,15 @@ def hyena_settings(opts):
 
 
 def triton_unavailable(opts):
-    """Why the Triton kernels would not run (fftconv would fall back to 'fast'), or None."""
-    if opts['impl'] != 'triton':
+    """Why the Triton kernels would not run (fftconv would fall back to 'fast', the fused gates to the torch
+    path), or None."""
+    if opts['impl'] != 'triton' and opts['short'] != 'fused':
         return None
     if fftconv_triton.triton is None:
         return 'n/a: triton not installed'
     if not (CUDA or fftconv_triton._TRITON_INTERPRET):
         return 'n/a: triton needs CUDA'
-    if not CUDA and opts['dot'] == 'bf16':
+    if not CUDA and opts['impl'] == 'triton' and opts['dot'] == 'bf16':
         return 'n/a: the Triton interpreter cannot do bf16 dots'
     return None
 

@@ -16,7 +16,6 @@ the input is zero in rows n1 >= N1/2 (stage one uses half of F_N1) and only outp
 (the last stage computes half, real part only). The backward uses the same kernel with conj(K) for grad_u (the
 correlation), and a second kernel for grad_k = sum_b IDFT(conj(U_b) G_b) and grad_D = sum_b,t g u, reduced over
 the batch in registers.
-
 """
 import concurrent.futures
 import contextlib
