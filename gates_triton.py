@@ -23,7 +23,9 @@ import torch
 import fftconv_triton
 from fftconv_triton import define_op, tl, triton
 
-BLOCK_T, BLOCK_C = 64, 64  # a tile: time steps x channels (the fastest of seven shapes on the H200, BENCHMARKS.md)
+# Each kernel's tile (time steps, channels) and warps per program: the fastest on the H200 (BENCHMARKS.md)
+TILES = dict(gate_in=(16, 128, 1), gate_out=(16, 128, 2), gate_in_bwd=(64, 32, 2), gate_out_bwd=(16, 128, 1),
+             input_grad=(16, 128, 4))
 
 
 def applies(p, order, short_filter):
@@ -143,10 +145,12 @@ if triton is not None:
                  mask=(t < T)[:, None] & c_ok[None, :])
 
 
-def _grid(B, T, W):
-    """(grid, time blocks): one program per (batch, time-block) tile and block of channels."""
-    t_blocks = -(-T // BLOCK_T)
-    return (B * t_blocks, -(-W // BLOCK_C)), t_blocks
+def _launch(kernel, B, T, W):
+    """(grid, time blocks, launch options) of a kernel named in TILES: one program per (batch, time-block) tile
+    and block of channels."""
+    block_t, block_c, warps = TILES[kernel]
+    t_blocks = -(-T // block_t)
+    return (B * t_blocks, -(-W // block_c)), t_blocks, dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
 
 
 def _device(x):
@@ -156,20 +160,20 @@ def _device(x):
 def _gate_in_impl(a, v, wa, ba, wv, bv):
     B, T, D = a.shape
     z = a.new_empty(B, D, T)
-    grid, t_blocks = _grid(B, T, D)
+    grid, t_blocks, launch = _launch('gate_in', B, T, D)
     with _device(a):
         _gate_in_kernel[grid](a, v, wa, ba, wv, bv, z, T, D, t_blocks, a.stride(0), a.stride(1), v.stride(0),
-                              v.stride(1), K=wa.shape[1], BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+                              v.stride(1), K=wa.shape[1], **launch)
     return z
 
 
 def _gate_out_impl(y, q, wq, bq):
     B, T, D = q.shape
     o = q.new_empty(B, T, D)
-    grid, t_blocks = _grid(B, T, D)
+    grid, t_blocks, launch = _launch('gate_out', B, T, D)
     with _device(q):
         _gate_out_kernel[grid](y, q, wq, bq, o, T, D, t_blocks, *y.stride(), q.stride(0), q.stride(1),
-                               K=wq.shape[1], BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+                               K=wq.shape[1], **launch)
     return o
 
 
@@ -182,10 +186,9 @@ def _short_conv_input_grad(gs, w):
     """gs (B, T, W) contiguous, the gradient of a short conv's output; w (W, K) -> the gradient of its input."""
     B, T, W = gs.shape
     gx = torch.empty_like(gs)
-    grid, t_blocks = _grid(B, T, W)
+    grid, t_blocks, launch = _launch('input_grad', B, T, W)
     with _device(gs):
-        _short_conv_input_grad_kernel[grid](gs, w, gx, T, W, t_blocks, K=w.shape[1], BLOCK_T=BLOCK_T,
-                                            BLOCK_C=BLOCK_C)
+        _short_conv_input_grad_kernel[grid](gs, w, gx, T, W, t_blocks, K=w.shape[1], **launch)
     return gx
 
 
@@ -193,12 +196,12 @@ def _gate_in_bwd_impl(gz, a, v, wa, ba, wv, bv):
     B, T, D = a.shape
     K = wa.shape[1]
     gs = a.new_empty(B, T, 2 * D)
-    grid, t_blocks = _grid(B, T, D)
+    grid, t_blocks, launch = _launch('gate_in_bwd', B, T, D)
     sums_a, sums_v = _sums(grid[0], K, D, a.device), _sums(grid[0], K, D, a.device)
     with _device(a):
         _gate_in_bwd_kernel[grid](gz, a, v, wa, ba, wv, bv, gs, sums_a, sums_v, T, D, t_blocks, *gz.stride(),
                                   a.stride(0), a.stride(1), v.stride(0), v.stride(1), K=K, KP=sums_a.shape[1],
-                                  BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+                                  **launch)
     return _short_conv_input_grad(gs, torch.cat([wa, wv])), sums_a.sum(0)[:K + 1], sums_v.sum(0)[:K + 1]
 
 
@@ -206,12 +209,11 @@ def _gate_out_bwd_impl(go, y, q, wq, bq):
     B, T, D = q.shape
     K = wq.shape[1]
     gy, gs = y.new_empty(B, D, T), q.new_empty(B, T, D)
-    grid, t_blocks = _grid(B, T, D)
+    grid, t_blocks, launch = _launch('gate_out_bwd', B, T, D)
     sums = _sums(grid[0], K, D, q.device)
     with _device(q):
         _gate_out_bwd_kernel[grid](go, y, q, wq, bq, gy, gs, sums, T, D, t_blocks, go.stride(0), go.stride(1),
-                                   *y.stride(), q.stride(0), q.stride(1), K=K, KP=sums.shape[1], BLOCK_T=BLOCK_T,
-                                   BLOCK_C=BLOCK_C)
+                                   *y.stride(), q.stride(0), q.stride(1), K=K, KP=sums.shape[1], **launch)
     return gy, _short_conv_input_grad(gs, wq), sums.sum(0)[:K + 1]
 
 

@@ -260,8 +260,10 @@ TRITON_SCRIPT = textwrap.dedent('''
     explained = torch._dynamo.explain(HyenaOperator(16, l_max=512))(torch.randn(2, 512, 16))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     # the ops' fake kernels carry AOT autograd through both paths: a whole-graph compile, forward and backward,
-    # gives the eager values and gradients
-    for L in (100, 300):  # one kernel, four-step (TRITON_MAX_N is 256 here)
+    # gives the eager values and gradients; last, the four-step path with fp32 intermediates ('tf32'), whose
+    # gradients torch 2.11 compiled wrong while its Function ended in a no-op y.to(u.dtype)
+    for L, dot in ((100, 'ieee'), (300, 'ieee'), (300, 'tf32')):  # one kernel, four-step (TRITON_MAX_N is 256 here)
+        fftconv_triton.TRITON_DOT = dot
         leaves = [torch.randn(2, 4, L, requires_grad=True), torch.randn(4, L, requires_grad=True),
                   torch.randn(4, requires_grad=True)]
         eager = fftconv(*leaves)
@@ -270,6 +272,7 @@ TRITON_SCRIPT = textwrap.dedent('''
         for a, b in zip(torch.autograd.grad(eager.square().sum(), leaves),
                         torch.autograd.grad(compiled.square().sum(), leaves)):
             assert torch.equal(a, b)
+    fftconv_triton.TRITON_DOT = 'ieee'
     fftconv_triton.TRITON_MAX_N, fftconv_triton.TRITON_INNER_N, fftconv_triton.TRITON_ROWS = 4096, 0, 0
     hyena.FFTCONV_IMPL = 'plain'
     op = HyenaOperator(16, l_max=64)
