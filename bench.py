@@ -570,13 +570,17 @@ def build_mixer_step(opts, x, g):
     fn = maybe_compile(module, opts)
     with autocast():
         gy = g.to(fn(x).dtype)
+    leaves = [x] + list(module.parameters())
 
     def step():
         new_step(opts)
+        if opts['graphs']:  # do_bench's warm-up would accumulate into the last replay's gradients, overwritten now
+            for t in leaves:
+                t.grad = None
         with autocast():
             y = fn(x)
         y.backward(gy)
-    return step, [x] + list(module.parameters())
+    return step, leaves
 
 
 def section_mixer():
