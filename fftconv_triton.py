@@ -352,11 +352,14 @@ def applies(u, k, D):
             and u.dtype in (torch.float32, torch.bfloat16, torch.float16) and (u.is_cuda or _TRITON_INTERPRET))
 
 
+def one_kernel(L):
+    """Whether length L takes the one-kernel path (else the four-step one)."""
+    return _mfft_plan(L)[0] <= TRITON_MAX_N
+
+
 def fftconv(u, k, D):
     """hyena.fftconv's 'triton' path: one kernel per direction up to N = TRITON_MAX_N, the four-step path above."""
-    if _mfft_plan(u.shape[-1])[0] <= TRITON_MAX_N:
-        return MonarchFFTConv.apply(u, k, D)
-    return FourStepFFTConv.apply(u, k, D)
+    return (MonarchFFTConv if one_kernel(u.shape[-1]) else FourStepFFTConv).apply(u, k, D)
 
 
 def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
@@ -447,38 +450,49 @@ if triton is not None:
                                                                       dtype=_grad_k_dtype(au)))
 
 
-class MonarchFFTConv(torch.autograd.Function):
-    """fftconv through the Triton kernels (impl 'triton'): u (B, C, L) contiguous, k (C, Lk), D (C,) or None.
+def monarch_forward(u, k, D):
+    """The one-kernel path's forward: u (B, C, L), k (C, Lk), D (C,) or None -> (y, tensors to save, settings).
     Saves only u and the filter's spectrum; the backward recomputes the row FFTs inside the kernels."""
+    B, C, L = u.shape
+    N, N1, N2 = _mfft_plan(L)
+    rows, warps = _mfft_launch(B, 4)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        k_f = torch.fft.fft(k.float(), n=N).view(C, N2, N1).transpose(1, 2)  # [c, k1, k2] = K[k1 + N1 k2]
+        kr, ki = k_f.real.contiguous(), k_f.imag.contiguous()
+        d = D.float().contiguous() if D is not None else torch.zeros(C, device=u.device, dtype=torch.float32)
+        u = u.contiguous()
+        y = torch.ops.hyena.mfft_conv(u, kr, ki, d, TRITON_DOT, rows, warps)
+    return y, (u, kr, ki, d), (N1, N2, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+
+
+def monarch_backward(saved, cfg, needs, grad_y):
+    """(grad u, grad k, grad D) of monarch_forward, each None where needs (three bools) says so."""
+    u, kr, ki, d = saved
+    N1, N2, Lk, prec, rows, warps, k_dtype, d_dtype = cfg
+    g = grad_y.to(u.dtype).contiguous()
+    grad_u = grad_k = grad_D = None
+    if needs[0]:  # the adjoint of a convolution with k is a correlation: conj(K)
+        grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
+    if needs[1] or (d_dtype is not None and needs[2]):
+        gk, gd = torch.ops.hyena.mfft_corr(u, g, N1, N2, Lk, prec, rows, warps)
+        grad_k = gk.sum(0).to(k_dtype)
+        grad_D = gd.sum(0).to(d_dtype) if d_dtype is not None else None
+    return grad_u, grad_k, grad_D
+
+
+class MonarchFFTConv(torch.autograd.Function):
+    """fftconv through the Triton kernels (impl 'triton'): u (B, C, L) contiguous, k (C, Lk), D (C,) or None."""
 
     @staticmethod
     def forward(ctx, u, k, D):
-        B, C, L = u.shape
-        N, N1, N2 = _mfft_plan(L)
-        rows, warps = _mfft_launch(B, 4)
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            k_f = torch.fft.fft(k.float(), n=N).view(C, N2, N1).transpose(1, 2)  # [c, k1, k2] = K[k1 + N1 k2]
-            kr, ki = k_f.real.contiguous(), k_f.imag.contiguous()
-            d = D.float().contiguous() if D is not None else torch.zeros(C, device=u.device, dtype=torch.float32)
-            u = u.contiguous()
-            y = torch.ops.hyena.mfft_conv(u, kr, ki, d, TRITON_DOT, rows, warps)
-        ctx.save_for_backward(u, kr, ki, d)
-        ctx.cfg = (N1, N2, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+        y, saved, cfg = monarch_forward(u, k, D)
+        ctx.cfg = cfg
+        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, kr, ki, d = ctx.saved_tensors
-        N1, N2, Lk, prec, rows, warps, k_dtype, d_dtype = ctx.cfg
-        g = grad_y.to(u.dtype).contiguous()
-        grad_u = grad_k = grad_D = None
-        if ctx.needs_input_grad[0]:  # the adjoint of a convolution with k is a correlation: conj(K)
-            grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
-        if ctx.needs_input_grad[1] or (d_dtype is not None and ctx.needs_input_grad[2]):
-            gk, gd = torch.ops.hyena.mfft_corr(u, g, N1, N2, Lk, prec, rows, warps)
-            grad_k = gk.sum(0).to(k_dtype)
-            grad_D = gd.sum(0).to(d_dtype) if d_dtype is not None else None
-        return grad_u, grad_k, grad_D
+        return monarch_backward(ctx.saved_tensors, ctx.cfg, ctx.needs_input_grad, grad_y)
 
 
 def _outer_twiddles(H, Ni, device):
@@ -506,6 +520,49 @@ def _outer_inverse(z, H, n_out):
     return torch.matmul(inverse, z).view(-1, H * Ni)[:, :n_out]
 
 
+def four_step_forward(u, k, D):
+    """The four-step path's forward (see FourStepFFTConv): -> (y, tensors to save, settings)."""
+    B, C, L = u.shape
+    _, Ni, H, _, _ = _four_step_plan(L)
+    # the outer matmuls' dtype: cuBLAS follows torch's global TF32 switch for fp32 (training.py and bench.py
+    # turn it on), so 'ieee' runs them in float64 to stay exact (measured 3.8e-4 error at L = 16K in fp32)
+    dtype = {'bf16': torch.bfloat16, 'tf32': torch.float32, 'ieee': torch.float64}[TRITON_DOT]
+    rows, warps = _mfft_launch(B * C * (H + 1), 2)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        taps = k.float()
+        if D is not None:
+            taps = torch.cat([taps[:, :1] + D.float()[:, None], taps[:, 1:]], dim=1)
+        spectrum = torch.ops.hyena.mfft_rows(_outer_rows(taps, H, Ni, dtype), taps, C, H, 'fft', TRITON_DOT,
+                                             rows, warps)
+        z = torch.ops.hyena.mfft_rows(_outer_rows(u.reshape(B * C, L), H, Ni, dtype), spectrum, C, H, 'conv',
+                                      TRITON_DOT, rows, warps)
+        y = _outer_inverse(z, H, L).reshape(B, C, L)
+    # not y.to(u.dtype) when that is a no-op: torch 2.11 compiles the Function's gradients wrong then (as
+    # hyena._FFTConv's; tests/test_cuda.py holds the compiled gradients to eager ones)
+    y = y if y.dtype == u.dtype else y.to(u.dtype)
+    return y, (u, spectrum), (H, Ni, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+
+
+def four_step_backward(saved, cfg, needs, grad_y):
+    """(grad u, grad k, grad D) of four_step_forward, each None where needs (three bools) says so."""
+    u, spectrum = saved
+    H, Ni, Lk, prec, rows, warps, k_dtype, d_dtype = cfg
+    B, C, L = u.shape
+    grad_u = grad_k = grad_D = None
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        g_rows = _outer_rows(grad_y.reshape(B * C, L), H, Ni, spectrum.dtype)
+        if needs[0]:
+            z = torch.ops.hyena.mfft_rows(g_rows, spectrum, C, H, 'adjoint', prec, rows, warps)
+            grad_u = _outer_inverse(z, H, L).reshape(B, C, L).to(u.dtype)
+        if needs[1] or (d_dtype is not None and needs[2]):
+            u_rows = _outer_rows(u.reshape(B * C, L), H, Ni, spectrum.dtype)
+            s = torch.ops.hyena.mfft_rows_grad_k(u_rows, g_rows, B, C, H, prec, min(rows, B), warps)
+            grad_taps = _outer_inverse(s, H, Lk)
+            grad_k = grad_taps.to(k_dtype)
+            grad_D = grad_taps[:, 0].to(d_dtype) if d_dtype is not None else None
+    return grad_u, grad_k, grad_D
+
+
 class FourStepFFTConv(torch.autograd.Function):
     """fftconv for N > TRITON_MAX_N (u (B, C, L), k (C, Lk), D (C,) or None). The four-step FFT (Bailey 1990;
     the Monarch view of FlashFFTConv, arXiv:2311.05908 §3.2): the signal zero-padded to N = 2H * Ni is an
@@ -518,42 +575,11 @@ class FourStepFFTConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, k, D):
-        B, C, L = u.shape
-        _, Ni, H, _, _ = _four_step_plan(L)
-        # the outer matmuls' dtype: cuBLAS follows torch's global TF32 switch for fp32 (training.py and bench.py
-        # turn it on), so 'ieee' runs them in float64 to stay exact (measured 3.8e-4 error at L = 16K in fp32)
-        dtype = {'bf16': torch.bfloat16, 'tf32': torch.float32, 'ieee': torch.float64}[TRITON_DOT]
-        rows, warps = _mfft_launch(B * C * (H + 1), 2)
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            taps = k.float()
-            if D is not None:
-                taps = torch.cat([taps[:, :1] + D.float()[:, None], taps[:, 1:]], dim=1)
-            spectrum = torch.ops.hyena.mfft_rows(_outer_rows(taps, H, Ni, dtype), taps, C, H, 'fft', TRITON_DOT,
-                                                 rows, warps)
-            z = torch.ops.hyena.mfft_rows(_outer_rows(u.reshape(B * C, L), H, Ni, dtype), spectrum, C, H, 'conv',
-                                          TRITON_DOT, rows, warps)
-            y = _outer_inverse(z, H, L).reshape(B, C, L)
-        ctx.save_for_backward(u, spectrum)
-        ctx.cfg = (H, Ni, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
-        # not y.to(u.dtype) when that is a no-op: torch 2.11 compiles this Function's gradients wrong then (as
-        # hyena._FFTConv's; tests/test_cuda.py holds the compiled gradients to eager ones)
-        return y if y.dtype == u.dtype else y.to(u.dtype)
+        y, saved, cfg = four_step_forward(u, k, D)
+        ctx.cfg = cfg
+        ctx.save_for_backward(*saved)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, spectrum = ctx.saved_tensors
-        H, Ni, Lk, prec, rows, warps, k_dtype, d_dtype = ctx.cfg
-        B, C, L = u.shape
-        grad_u = grad_k = grad_D = None
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            g_rows = _outer_rows(grad_y.reshape(B * C, L), H, Ni, spectrum.dtype)
-            if ctx.needs_input_grad[0]:
-                z = torch.ops.hyena.mfft_rows(g_rows, spectrum, C, H, 'adjoint', prec, rows, warps)
-                grad_u = _outer_inverse(z, H, L).reshape(B, C, L).to(u.dtype)
-            if ctx.needs_input_grad[1] or (d_dtype is not None and ctx.needs_input_grad[2]):
-                u_rows = _outer_rows(u.reshape(B * C, L), H, Ni, spectrum.dtype)
-                s = torch.ops.hyena.mfft_rows_grad_k(u_rows, g_rows, B, C, H, prec, min(rows, B), warps)
-                grad_taps = _outer_inverse(s, H, Lk)
-                grad_k = grad_taps.to(k_dtype)
-                grad_D = grad_taps[:, 0].to(d_dtype) if d_dtype is not None else None
-        return grad_u, grad_k, grad_D
+        return four_step_backward(ctx.saved_tensors, ctx.cfg, ctx.needs_input_grad, grad_y)
