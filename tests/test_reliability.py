@@ -2,6 +2,7 @@
 
 Faults are injected into real subprocess runs by a wrapper that monkeypatches before running the script
 (conftest.run_patched): the scripts carry no test hooks."""
+import gc
 import os
 import shutil
 import signal
@@ -296,6 +297,7 @@ def test_under_ddp_gradients_are_bucket_views_and_the_compiled_model_is_one_grap
     monkeypatch.setattr(torch._dynamo.config, 'optimize_ddp', True)  # torch's default; restored after the test
     torch.distributed.init_process_group('gloo', init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                                          world_size=1)
+    out = None
     try:
         dist = T.DistInfo(True, 0, 0, 1, 'cpu', True, 0)
         model = torch.nn.Linear(4, 4)
@@ -305,4 +307,11 @@ def test_under_ddp_gradients_are_bucket_views_and_the_compiled_model_is_one_grap
         assert built_inside_ddp == [True]  # the build step ran the whole DDP forward and backward
         assert model.weight.grad is None  # and left no gradients behind
     finally:
+        # DDP's reducer holds the group: free it first, and give gloo's worker threads time to drop their last
+        # work before the group goes. The group's destructor joins them holding the GIL, and a worker that still
+        # needed the GIL to free a work's thread-local state hung the suite once (native stacks: the main thread
+        # in ~ProcessGroupGloo -> std::thread::join, the worker in gil_scoped_acquire under ~AsyncAllreduceWork)
+        del out
+        gc.collect()
+        time.sleep(0.1)
         torch.distributed.destroy_process_group()
