@@ -308,6 +308,22 @@ TRITON_SCRIPT = textwrap.dedent('''
             return [y, xx.grad] + [p.grad.clone() for p in op.parameters()]
         errors = [rel(a, b) for a, b in zip(run('fused'), run('conv1d'))]
         assert max(errors) < (2e-2 if bf16 else 1e-5), (B, T, D, K, impl, errors)
+    # hyena.GatedConv compiled whole (forward and backward through AOT autograd) gives eager's values and gradients
+    hyena.SHORT_CONV = 'fused'
+    for impl, T in (('fast', 40), ('triton', 40), ('triton', 300)):
+        hyena.FFTCONV_IMPL = impl
+        op = HyenaOperator(16, l_max=T)
+        x = torch.randn(2, T, 16)
+        def run(fn):
+            op.zero_grad()
+            xx = x.clone().requires_grad_()
+            y = fn(xx)
+            y.square().sum().backward()
+            return [y, xx.grad] + [p.grad.clone() for p in op.parameters()]
+        eager = run(op)
+        torch._dynamo.reset()
+        compiled = run(torch.compile(op, backend='aot_eager', fullgraph=True))
+        assert all(torch.equal(a, b) for a, b in zip(compiled, eager)), (impl, T)
     fftconv_triton.TRITON_MAX_N = 4096
     print('TRITON_OK', worst)
 ''')
