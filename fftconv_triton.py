@@ -31,6 +31,7 @@ TRITON_MAX_N = 4096     # largest FFT size of the one-kernel path (registers); l
 TRITON_INNER_N = 0      # four-step path: row FFT length Ni, N = 2H * Ni (0: by N, see _four_step_plan)
 TRITON_NUM_WARPS = 0    # 0: by path, 4 one-kernel, 2 four-step (_mfft_launch; 8 were 2x slower on the H200)
 TRITON_ROWS = 0         # rows per program (0: 16, or fewer when there are few)
+TRITON_PAIRS = 1        # one-kernel path: row pairs per matmul (larger dots; not yet tuned on a GPU)
 _TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
 _TRITON_POISON = False  # tests: fill kernel outputs with NaN first, so an unwritten element shows
 _MFFT_CONSTS = {}
@@ -101,32 +102,73 @@ if triton is not None:
         return base0, base0 + C * L, tmask & (b0 < B), tmask & (b0 + 1 < B) & has_second
 
     @triton.jit
+    def _mfft_wide_to_tall(x, N1: tl.constexpr, N2: tl.constexpr, PAIRS: tl.constexpr):
+        """(N1, PAIRS * N2), the row pairs side by side -> (PAIRS * N1, N2), stacked."""
+        return tl.reshape(tl.permute(tl.reshape(x, (N1, PAIRS, N2)), (1, 0, 2)), (PAIRS * N1, N2))
+
+    @triton.jit
+    def _mfft_tall_to_wide(x, N1: tl.constexpr, N2: tl.constexpr, PAIRS: tl.constexpr):
+        """(PAIRS * N1, N2) -> (N1, PAIRS * N2): the inverse of _mfft_wide_to_tall."""
+        return tl.reshape(tl.permute(tl.reshape(x, (PAIRS, N1, N2)), (1, 0, 2)), (N1, PAIRS * N2))
+
+    @triton.jit
     def _mfft_conv_kernel(u_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                          B, C, L, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+                          B, C, L, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PAIRS: tl.constexpr,
+                          PREC: tl.constexpr):
         """y[b, c] = IDFT(DFT(u[b, c]) * K[c])[:L] + d[c] u[b, c], for one channel c and ROWS batch rows.
         Two rows at a time share one complex FFT: with a real filter, conv(u_b + i u_b', k) =
-        conv(u_b, k) + i conv(u_b', k), so the real and imaginary parts of the result are the two outputs."""
+        conv(u_b, k) + i conv(u_b', k), so the real and imaginary parts of the result are the two outputs.
+        PAIRS row pairs go through each matmul together, for larger dots: side by side (N1/2, PAIRS * N2) for the
+        stages that multiply by F_N1 from the left, stacked (PAIRS * N1, N2) for those that multiply by F_N2 from
+        the right (FlashFFTConv batches its signals the same way)."""
         c = tl.program_id(0)
         pb = tl.program_id(1)
-        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti, t = _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr,
-                                                                        tr_ptr, ti_ptr, N1, N2)
-        tmask = t < L
-        mat = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
-        Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
-        Ki = tl.load(ki_ptr + c * (N1 * N2) + mat)
+        H1: tl.constexpr = N1 // 2
+        W: tl.constexpr = PAIRS * N2
+        i1 = tl.arange(0, N1)
+        h1 = tl.arange(0, H1)
+        i2 = tl.arange(0, N2)
+        F1hr = tl.load(f1r_ptr + i1[:, None] * N1 + h1[None, :])
+        F1hi = tl.load(f1i_ptr + i1[:, None] * N1 + h1[None, :])
+        F1tr = tl.load(f1r_ptr + h1[:, None] * N1 + i1[None, :])
+        F1ti = tl.load(f1i_ptr + h1[:, None] * N1 + i1[None, :])
+        F2r = tl.load(f2r_ptr + i2[:, None] * N2 + i2[None, :])
+        F2i = tl.load(f2i_ptr + i2[:, None] * N2 + i2[None, :])
+        j = tl.arange(0, W)  # wide column: pair j // N2, inner index j % N2
+        wide = i1[:, None] * N2 + (j % N2)[None, :]
+        Twr, Twi = tl.load(tr_ptr + wide), tl.load(ti_ptr + wide)
+        tall = (tl.arange(0, PAIRS * N1) % N1)[:, None] * N2 + i2[None, :]
+        Ttr, Tti = tl.load(tr_ptr + tall), tl.load(ti_ptr + tall)
+        Kr = tl.load(kr_ptr + c * (N1 * N2) + tall)
+        Ki = tl.load(ki_ptr + c * (N1 * N2) + tall)
         dc = tl.load(d_ptr + c)
-        for r in range(0, ROWS, 2):
-            base0, base1, m0, m1 = _mfft_row_pair(pb * ROWS + r, r + 1 < ROWS, c, B, C, L, tmask)
-            xr = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
-            xi = tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
-            cr, ci = _mfft_forward(xr, xi, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
-            er, ei = _mfft_inverse_stage2(cr * Kr - ci * Ki, cr * Ki + ci * Kr, Tr, Ti, F2r, F2i, PREC)
+        t = h1[:, None] * N2 + (j % N2)[None, :]  # time index of the (N1/2, W) input / output layout
+        pair = j // N2
+        for r in range(0, ROWS, 2 * PAIRS):
+            row = r + 2 * pair  # this program's first row of each column's pair
+            b0 = pb * ROWS + row
+            base0 = (b0 * C + c).to(tl.int64) * L
+            base1 = base0 + C * L
+            m0 = (t < L) & ((b0 < B) & (row < ROWS))[None, :]
+            m1 = (t < L) & ((b0 + 1 < B) & (row + 1 < ROWS))[None, :]
+            xr = tl.load(u_ptr + base0[None, :] + t, mask=m0, other=0.0).to(tl.float32)
+            xi = tl.load(u_ptr + base1[None, :] + t, mask=m1, other=0.0).to(tl.float32)
+            # forward, first stage (its input's upper half is zero): F_N1[:, :N1/2] @ x, then the twiddle
+            ar = _mfft_dot(F1hr, xr, PREC) - _mfft_dot(F1hi, xi, PREC)
+            ai = _mfft_dot(F1hr, xi, PREC) + _mfft_dot(F1hi, xr, PREC)
+            br = _mfft_wide_to_tall(ar * Twr - ai * Twi, N1, N2, PAIRS)
+            bi = _mfft_wide_to_tall(ar * Twi + ai * Twr, N1, N2, PAIRS)
+            # second stage (@ F_N2), the product with the filter's spectrum, the inverse's first stage (@ conj(F_N2))
+            cr = _mfft_dot(br, F2r, PREC) - _mfft_dot(bi, F2i, PREC)
+            ci = _mfft_dot(br, F2i, PREC) + _mfft_dot(bi, F2r, PREC)
+            er, ei = _mfft_inverse_stage2(cr * Kr - ci * Ki, cr * Ki + ci * Kr, Ttr, Tti, F2r, F2i, PREC)
             # last stage, output rows n1 < N1/2: real part -> row b0, imaginary -> row b0 + 1
-            zr, zi = _mfft_inverse_stage1(er, ei, F1tr, F1ti, PREC)
+            zr, zi = _mfft_inverse_stage1(_mfft_tall_to_wide(er, N1, N2, PAIRS), _mfft_tall_to_wide(ei, N1, N2, PAIRS),
+                                          F1tr, F1ti, PREC)
             y0 = zr * (1.0 / (N1 * N2)) + dc * xr
             y1 = zi * (1.0 / (N1 * N2)) + dc * xi
-            tl.store(y_ptr + base0 + t, y0.to(y_ptr.dtype.element_ty), mask=m0)
-            tl.store(y_ptr + base1 + t, y1.to(y_ptr.dtype.element_ty), mask=m1)
+            tl.store(y_ptr + base0[None, :] + t, y0.to(y_ptr.dtype.element_ty), mask=m0)
+            tl.store(y_ptr + base1[None, :] + t, y1.to(y_ptr.dtype.element_ty), mask=m1)
 
     @triton.jit
     def _mfft_corr_kernel(u_ptr, g_ptr, gk_ptr, gd_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
@@ -354,7 +396,7 @@ def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
     grid = (C, -(-B // rows))
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
         _mfft_conv_kernel[grid](u, y, kr, ki, d, *_mfft_consts(N1, N2, u.device), B, C, L, rows,
-                                N1=N1, N2=N2, PREC=prec, num_warps=warps)
+                                N1=N1, N2=N2, PAIRS=TRITON_PAIRS, PREC=prec, num_warps=warps)
     return y
 
 
