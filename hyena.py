@@ -148,9 +148,7 @@ class _FFTConv(torch.autograd.Function):
                 y = y + u32 * D.float().unsqueeze(-1)
         ctx.save_for_backward(u, u_f, k_f, D)
         ctx.n, ctx.Lk, ctx.k_dtype = n, k.shape[-1], k.dtype
-        # not y.to(u.dtype) when that is a no-op (fp32 u): torch 2.11 compiled this Function's gradients to zeros
-        # then (u, k and D alike; tests/test_bench.py reproduces it on the CPU with torch 2.11, fixed in 2.13)
-        return y if y.dtype == u.dtype else y.to(u.dtype)
+        return fftconv_triton.in_dtype_of(y, u)
 
     @staticmethod
     def backward(ctx, grad_y):
