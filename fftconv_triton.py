@@ -292,6 +292,14 @@ if triton is not None:
         _mfft_inverse_store(s_ptr, off, half, mat >= 0, sr, si, wr, wi, F1r, F1i, F2r, F2i, Tr, Ti, PREC)
 
 
+def in_dtype_of(y, u):
+    """y in u's dtype for an autograd Function's forward to return: y itself when it already is. torch 2.11 compiles
+    a Function whose forward ends in a no-op .to() to wrong gradients (zeros for hyena._FFTConv with fp32 inputs;
+    FourStepFFTConv's backward run in the forward graph on a constant gradient); 2.13 does not. tests/test_bench.py
+    reproduces both on the CPU under torch 2.11, tests/test_cuda.py holds compiled gradients to eager ones."""
+    return y if y.dtype == u.dtype else y.to(u.dtype)
+
+
 def _mfft_plan(L):
     """FFT size N >= 2L (a power of two, >= 512 so every matmul dimension is >= 16) and N = N1 * N2, N1 >= N2."""
     N = max(512, 2 ** math.ceil(math.log2(2 * L)))
@@ -570,10 +578,8 @@ def four_step_forward(u, k, D):
         z = torch.ops.hyena.mfft_rows(_outer_rows(u.reshape(B * C, L), H, Ni, dtype), spectrum, C, H, 'conv',
                                       TRITON_DOT, rows, warps)
         y = _outer_inverse(z, H, L).reshape(B, C, L)
-    # not y.to(u.dtype) when that is a no-op: torch 2.11 compiles the Function's gradients wrong then (as
-    # hyena._FFTConv's; tests/test_cuda.py holds the compiled gradients to eager ones)
-    y = y if y.dtype == u.dtype else y.to(u.dtype)
-    return y, (u, spectrum), (H, Ni, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+    cfg = (H, Ni, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+    return in_dtype_of(y, u), (u, spectrum), cfg
 
 
 def four_step_backward(saved, cfg, needs, grad_y):

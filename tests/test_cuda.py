@@ -80,7 +80,8 @@ def test_compiled_fftconv_gradients_match_eager(impl, L, dtype):
 
 @pytest.mark.parametrize('impl', ['fast', 'triton'])
 def test_fused_gates_give_the_torch_paths_values_and_gradients(impl, monkeypatch):
-    # T = 1000: the last time tile of each row is partial; 96 channels: 1.5 channel blocks of 64; K = 4
+    # T = 1000: the last time tile of each row is partial (tiles of 16 and 64 steps); 96 channels: a partial block
+    # for the 128-wide tiles (gates_triton.TILES); K = 4
     import fftconv_triton
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     monkeypatch.setattr(fftconv_triton, 'TRITON_DOT', 'ieee')  # exact: the two runs' convolutions agree
