@@ -198,10 +198,11 @@ if triton is not None:
 
     @triton.jit
     def _mfft_rows_kernel(a_ptr, z_ptr, k_ptr, tw_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, n_rows, C,
-                          H, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, MODE: tl.constexpr,
+                          H, P, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, MODE: tl.constexpr,
                           PREC: tl.constexpr):
-        """Rows q = (r, ko) of a (R, 2H + 2, N1 * N2) tensor: [r, ko] holds the real part of the outer step's row
-        ko (0 <= ko <= H), [r, H + 1 + ko] its imaginary part. Each row is twiddled and transformed (the inner
+        """Rows q = (r, ko) of a (R, P, N1 * N2) tensor (P = _spectrum_rows(H); rows 2H + 2 .. P - 1 are padding
+        that no program touches): [r, ko] holds the real part of the outer step's row ko (0 <= ko <= H),
+        [r, H + 1 + ko] its imaginary part. Each row is twiddled and transformed (the inner
         DFT); MODE 'fft' stores the spectrum, MODE 'conv' / 'adjoint' multiplies it by K[r % C, ko] (or conj(K))
         and stores the twiddled inverse (unnormalized: the outer inverse matmul scales by 1/N)."""
         F1r, F1i, F2r, F2i, Tr, Ti, mat = _mfft_full_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
@@ -212,7 +213,7 @@ if triton is not None:
             r = q // (H + 1)
             ko = q % (H + 1)
             mask = (mat >= 0) & (q < n_rows)
-            off = (r * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
+            off = (r * P + ko).to(tl.int64) * (N1 * N2) + mat
             wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, half, N1 * N2)
             xr, xi = _mfft_load_row(a_ptr, off, half, mask, wr, wi)
             cr, ci = _mfft_forward(xr, xi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
@@ -220,7 +221,7 @@ if triton is not None:
                 tl.store(z_ptr + off, cr.to(z_ptr.dtype.element_ty), mask=mask)
                 tl.store(z_ptr + off + half, ci.to(z_ptr.dtype.element_ty), mask=mask)
             else:
-                k_off = ((r % C) * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
+                k_off = ((r % C) * P + ko).to(tl.int64) * (N1 * N2) + mat
                 Kr = tl.load(k_ptr + k_off, mask=mask, other=0.0).to(tl.float32)
                 Ki = tl.load(k_ptr + k_off + half, mask=mask, other=0.0).to(tl.float32)
                 if MODE == 'adjoint':  # grad u: the correlation, conj(K)
@@ -230,7 +231,7 @@ if triton is not None:
 
     @triton.jit
     def _mfft_rows_grad_k_kernel(au_ptr, ag_ptr, s_ptr, tw_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                                 B, C, H, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                                 B, C, H, P, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
                                  PREC: tl.constexpr):
         """Program (c, ko), batch rows pb * ROWS ...: S[pb, c, ko] = twiddled inverse of sum_b conj(U[b, c, ko])
         G[b, c, ko], with U and G the inner spectra of the outer-step rows of u and g (layout as
@@ -247,14 +248,14 @@ if triton is not None:
         for j in range(ROWS):
             b = pb * ROWS + j
             mask = (mat >= 0) & (b < B)
-            off = ((b * C + c) * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
+            off = ((b * C + c) * P + ko).to(tl.int64) * (N1 * N2) + mat
             ur, ui = _mfft_load_row(au_ptr, off, half, mask, wr, wi)
             ur, ui = _mfft_forward(ur, ui, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
             gr, gi = _mfft_load_row(ag_ptr, off, half, mask, wr, wi)
             gr, gi = _mfft_forward(gr, gi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
             sr += ur * gr + ui * gi
             si += ur * gi - ui * gr
-        off = ((pb * C + c) * (2 * H + 2) + ko).to(tl.int64) * (N1 * N2) + mat
+        off = ((pb * C + c) * P + ko).to(tl.int64) * (N1 * N2) + mat
         _mfft_inverse_store(s_ptr, off, half, mat >= 0, sr, si, wr, wi, F1r, F1i, F2r, F2i, Tr, Ti, PREC)
 
 
@@ -327,10 +328,18 @@ def _inner_split(Ni):
     return N1, Ni // N1
 
 
+def _spectrum_rows(H):
+    """Rows per signal in the four-step layout: the 2H + 2 of the outer DFT's H + 1 complex frequencies, rounded up
+    to a multiple of 8 with zero rows. A dimension of 2H + 2 (130 at H = 64) in the outer matmuls made inductor pad
+    them with copies of the big operand, or cuBLAS take its 'align2' kernels (BENCHMARKS.md, "Seventh session")."""
+    return -(-(2 * H + 2) // 8) * 8
+
+
 def _outer_matrices(H, Ni, device, dtype):
-    """The outer DFT of a real input, its first H + 1 frequencies stacked as [cos; -sin] (2H + 2, H), and its
-    inverse (H, 2H + 2) for a Hermitian spectrum: y[n] = (1/N) sum_k w_k (Zr[k] cos - Zi[k] sin)(2 pi n k / 2H),
-    with w_k = 2 except at k = 0 and k = H, whose conjugate partners are themselves. Built per call, not cached:
+    """The outer DFT of a real input, its first H + 1 frequencies stacked as [cos; -sin] (P, H), and its inverse
+    (H, P) for a Hermitian spectrum, y[n] = (1/N) sum_k w_k (Zr[k] cos - Zi[k] sin)(2 pi n k / 2H), with w_k = 2
+    except at k = 0 and k = H, whose conjugate partners are themselves; P = _spectrum_rows(H), the rows (and
+    columns) past 2H + 2 zero. Built per call, not cached:
     the autograd Function is traced by torch.compile, which rejects a cache filled inside it (and folds these
     small constants anyway)."""
     n = torch.arange(H, dtype=torch.float64, device=device)
@@ -339,6 +348,9 @@ def _outer_matrices(H, Ni, device, dtype):
     forward = torch.cat([angle.cos(), -angle.sin()])
     w = torch.where((f == 0) | (f == H), 1.0, 2.0).unsqueeze(1)
     inverse = torch.cat([w * angle.cos(), -w * angle.sin()]).t() / (2 * H * Ni)
+    pad = _spectrum_rows(H) - (2 * H + 2)
+    forward = torch.nn.functional.pad(forward, (0, 0, 0, pad))
+    inverse = torch.nn.functional.pad(inverse, (0, pad))
     return forward.to(dtype), inverse.contiguous().to(dtype)
 
 
@@ -348,11 +360,14 @@ def applies(u, k, D):
             and u.dtype in (torch.float32, torch.bfloat16, torch.float16) and (u.is_cuda or _TRITON_INTERPRET))
 
 
+def one_kernel(L):
+    """Whether length L takes the one-kernel path (else the four-step one)."""
+    return _mfft_plan(L)[0] <= TRITON_MAX_N
+
+
 def fftconv(u, k, D):
     """hyena.fftconv's 'triton' path: one kernel per direction up to N = TRITON_MAX_N, the four-step path above."""
-    if _mfft_plan(u.shape[-1])[0] <= TRITON_MAX_N:
-        return MonarchFFTConv.apply(u, k, D)
-    return FourStepFFTConv.apply(u, k, D)
+    return (MonarchFFTConv if one_kernel(u.shape[-1]) else FourStepFFTConv).apply(u, k, D)
 
 
 def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
@@ -382,11 +397,12 @@ def _mfft_rows_impl(a, k, C, H, mode, prec, rows, warps):
     R, _, Ni = a.shape
     N1, N2 = _inner_split(Ni)
     z = torch.full_like(a, float('nan')) if _TRITON_POISON else torch.empty_like(a)
+    z[:, 2 * H + 2:] = 0  # the padding rows meet the inverse matrix's zero columns: no NaN may hide there
     n_rows = R * (H + 1)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
         _mfft_rows_kernel[(-(-n_rows // rows),)](a, z, k, _outer_twiddles(H, Ni, a.device),
-                                                 *_mfft_consts(N1, N2, a.device), n_rows, C, H, rows, N1=N1, N2=N2,
-                                                 MODE=mode, PREC=prec, num_warps=warps)
+                                                 *_mfft_consts(N1, N2, a.device), n_rows, C, H, a.shape[1], rows,
+                                                 N1=N1, N2=N2, MODE=mode, PREC=prec, num_warps=warps)
     return z
 
 
@@ -400,11 +416,12 @@ def _mfft_rows_grad_k_impl(au, ag, B, C, H, prec, rows, warps):
     N1, N2 = _inner_split(Ni)
     nb = -(-B // rows)
     make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
-    s = make((nb, C, 2 * H + 2, Ni), device=au.device, dtype=_grad_k_dtype(au))
+    s = make((nb, C, au.shape[1], Ni), device=au.device, dtype=_grad_k_dtype(au))
+    s[:, :, 2 * H + 2:] = 0
     with torch.cuda.device(au.device) if au.is_cuda else contextlib.nullcontext():
         _mfft_rows_grad_k_kernel[(C * (H + 1), nb)](au, ag, s, _outer_twiddles(H, Ni, au.device),
-                                                    *_mfft_consts(N1, N2, au.device), B, C, H, rows, N1=N1, N2=N2,
-                                                    PREC=prec, num_warps=warps)
+                                                    *_mfft_consts(N1, N2, au.device), B, C, H, au.shape[1], rows,
+                                                    N1=N1, N2=N2, PREC=prec, num_warps=warps)
     return s.sum(0) if nb > 1 else s.view(s.shape[1:])
 
 
@@ -437,42 +454,53 @@ if triton is not None:
               _mfft_rows_impl, lambda a, k, c, h, mode, prec, rows, warps: torch.empty_like(a))
     define_op('mfft_rows_grad_k(Tensor au, Tensor ag, int b, int c, int h, str prec, int rows, int warps) -> Tensor',
               _mfft_rows_grad_k_impl,
-              lambda au, ag, b, c, h, prec, rows, warps: au.new_empty((c, 2 * h + 2, au.shape[-1]),
+              lambda au, ag, b, c, h, prec, rows, warps: au.new_empty((c, au.shape[1], au.shape[-1]),
                                                                       dtype=_grad_k_dtype(au)))
 
 
-class MonarchFFTConv(torch.autograd.Function):
-    """fftconv through the Triton kernels (impl 'triton'): u (B, C, L) contiguous, k (C, Lk), D (C,) or None.
+def monarch_forward(u, k, D):
+    """The one-kernel path's forward: u (B, C, L), k (C, Lk), D (C,) or None -> (y, tensors to save, settings).
     Saves only u and the filter's spectrum; the backward recomputes the row FFTs inside the kernels."""
+    B, C, L = u.shape
+    N, N1, N2 = _mfft_plan(L)
+    rows, warps = _mfft_launch(B, 4)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        k_f = torch.fft.fft(k.float(), n=N).view(C, N2, N1).transpose(1, 2)  # [c, k1, k2] = K[k1 + N1 k2]
+        kr, ki = k_f.real.contiguous(), k_f.imag.contiguous()
+        d = D.float().contiguous() if D is not None else torch.zeros(C, device=u.device, dtype=torch.float32)
+        u = u.contiguous()
+        y = torch.ops.hyena.mfft_conv(u, kr, ki, d, TRITON_DOT, rows, warps)
+    return y, (u, kr, ki, d), (N1, N2, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+
+
+def monarch_backward(saved, cfg, needs, grad_y):
+    """(grad u, grad k, grad D) of monarch_forward, each None where needs (three bools) says so."""
+    u, kr, ki, d = saved
+    N1, N2, Lk, prec, rows, warps, k_dtype, d_dtype = cfg
+    g = grad_y.to(u.dtype).contiguous()
+    grad_u = grad_k = grad_D = None
+    if needs[0]:  # the adjoint of a convolution with k is a correlation: conj(K)
+        grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
+    if needs[1] or (d_dtype is not None and needs[2]):
+        gk, gd = torch.ops.hyena.mfft_corr(u, g, N1, N2, Lk, prec, rows, warps)
+        grad_k = gk.sum(0).to(k_dtype)
+        grad_D = gd.sum(0).to(d_dtype) if d_dtype is not None else None
+    return grad_u, grad_k, grad_D
+
+
+class MonarchFFTConv(torch.autograd.Function):
+    """fftconv through the Triton kernels (impl 'triton'): u (B, C, L) contiguous, k (C, Lk), D (C,) or None."""
 
     @staticmethod
     def forward(ctx, u, k, D):
-        B, C, L = u.shape
-        N, N1, N2 = _mfft_plan(L)
-        rows, warps = _mfft_launch(B, 4)
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            k_f = torch.fft.fft(k.float(), n=N).view(C, N2, N1).transpose(1, 2)  # [c, k1, k2] = K[k1 + N1 k2]
-            kr, ki = k_f.real.contiguous(), k_f.imag.contiguous()
-            d = D.float().contiguous() if D is not None else torch.zeros(C, device=u.device, dtype=torch.float32)
-            u = u.contiguous()
-            y = torch.ops.hyena.mfft_conv(u, kr, ki, d, TRITON_DOT, rows, warps)
-        ctx.save_for_backward(u, kr, ki, d)
-        ctx.cfg = (N1, N2, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+        y, saved, cfg = monarch_forward(u, k, D)
+        ctx.cfg = cfg
+        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, kr, ki, d = ctx.saved_tensors
-        N1, N2, Lk, prec, rows, warps, k_dtype, d_dtype = ctx.cfg
-        g = grad_y.to(u.dtype).contiguous()
-        grad_u = grad_k = grad_D = None
-        if ctx.needs_input_grad[0]:  # the adjoint of a convolution with k is a correlation: conj(K)
-            grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
-        if ctx.needs_input_grad[1] or (d_dtype is not None and ctx.needs_input_grad[2]):
-            gk, gd = torch.ops.hyena.mfft_corr(u, g, N1, N2, Lk, prec, rows, warps)
-            grad_k = gk.sum(0).to(k_dtype)
-            grad_D = gd.sum(0).to(d_dtype) if d_dtype is not None else None
-        return grad_u, grad_k, grad_D
+        return monarch_backward(ctx.saved_tensors, ctx.cfg, ctx.needs_input_grad, grad_y)
 
 
 def _outer_twiddles(H, Ni, device):
@@ -485,7 +513,7 @@ def _outer_twiddles(H, Ni, device):
 
 
 def _outer_rows(x, H, Ni, dtype):
-    """(R, L) real -> (R, 2H + 2, Ni): the outer DFT (size 2H) of x zero-padded to H * Ni, one matmul."""
+    """(R, L) real -> (R, P, Ni): the outer DFT (size 2H) of x zero-padded to H * Ni, one matmul."""
     forward, _ = _outer_matrices(H, Ni, x.device, dtype)
     x = x.to(dtype)
     if x.shape[-1] < H * Ni:
@@ -494,10 +522,51 @@ def _outer_rows(x, H, Ni, dtype):
 
 
 def _outer_inverse(z, H, n_out):
-    """(R, 2H + 2, Ni) from the row kernels -> (R, n_out) real: the outer inverse DFT, scaled by 1/N."""
+    """(R, P, Ni) from the row kernels -> (R, n_out) real: the outer inverse DFT, scaled by 1/N."""
     Ni = z.shape[-1]
     _, inverse = _outer_matrices(H, Ni, z.device, z.dtype)
     return torch.matmul(inverse, z).view(-1, H * Ni)[:, :n_out]
+
+
+def four_step_forward(u, k, D):
+    """The four-step path's forward (see FourStepFFTConv): -> (y, tensors to save, settings)."""
+    B, C, L = u.shape
+    _, Ni, H, _, _ = _four_step_plan(L)
+    # the outer matmuls' dtype: cuBLAS follows torch's global TF32 switch for fp32 (training.py and bench.py
+    # turn it on), so 'ieee' runs them in float64 to stay exact (measured 3.8e-4 error at L = 16K in fp32)
+    dtype = {'bf16': torch.bfloat16, 'tf32': torch.float32, 'ieee': torch.float64}[TRITON_DOT]
+    rows, warps = _mfft_launch(B * C * (H + 1), 2)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        taps = k.float()
+        if D is not None:
+            taps = torch.cat([taps[:, :1] + D.float()[:, None], taps[:, 1:]], dim=1)
+        spectrum = torch.ops.hyena.mfft_rows(_outer_rows(taps, H, Ni, dtype), taps, C, H, 'fft', TRITON_DOT,
+                                             rows, warps)
+        z = torch.ops.hyena.mfft_rows(_outer_rows(u.reshape(B * C, L), H, Ni, dtype), spectrum, C, H, 'conv',
+                                      TRITON_DOT, rows, warps)
+        y = _outer_inverse(z, H, L).reshape(B, C, L)
+    cfg = (H, Ni, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+    return in_dtype_of(y, u), (u, spectrum), cfg
+
+
+def four_step_backward(saved, cfg, needs, grad_y):
+    """(grad u, grad k, grad D) of four_step_forward, each None where needs (three bools) says so."""
+    u, spectrum = saved
+    H, Ni, Lk, prec, rows, warps, k_dtype, d_dtype = cfg
+    B, C, L = u.shape
+    grad_u = grad_k = grad_D = None
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        g_rows = _outer_rows(grad_y.reshape(B * C, L), H, Ni, spectrum.dtype)
+        if needs[0]:
+            z = torch.ops.hyena.mfft_rows(g_rows, spectrum, C, H, 'adjoint', prec, rows, warps)
+            grad_u = _outer_inverse(z, H, L).reshape(B, C, L).to(u.dtype)
+        if needs[1] or (d_dtype is not None and needs[2]):
+            u_rows = _outer_rows(u.reshape(B * C, L), H, Ni, spectrum.dtype)
+            s = torch.ops.hyena.mfft_rows_grad_k(u_rows, g_rows, B, C, H, prec, min(rows, B), warps)
+            grad_taps = _outer_inverse(s, H, Lk)
+            grad_k = grad_taps.to(k_dtype)
+            grad_D = grad_taps[:, 0].to(d_dtype) if d_dtype is not None else None
+    return grad_u, grad_k, grad_D
 
 
 class FourStepFFTConv(torch.autograd.Function):
@@ -512,40 +581,11 @@ class FourStepFFTConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, k, D):
-        B, C, L = u.shape
-        _, Ni, H, _, _ = _four_step_plan(L)
-        # the outer matmuls' dtype: cuBLAS follows torch's global TF32 switch for fp32 (training.py and bench.py
-        # turn it on), so 'ieee' runs them in float64 to stay exact (measured 3.8e-4 error at L = 16K in fp32)
-        dtype = {'bf16': torch.bfloat16, 'tf32': torch.float32, 'ieee': torch.float64}[TRITON_DOT]
-        rows, warps = _mfft_launch(B * C * (H + 1), 2)
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            taps = k.float()
-            if D is not None:
-                taps = torch.cat([taps[:, :1] + D.float()[:, None], taps[:, 1:]], dim=1)
-            spectrum = torch.ops.hyena.mfft_rows(_outer_rows(taps, H, Ni, dtype), taps, C, H, 'fft', TRITON_DOT,
-                                                 rows, warps)
-            z = torch.ops.hyena.mfft_rows(_outer_rows(u.reshape(B * C, L), H, Ni, dtype), spectrum, C, H, 'conv',
-                                          TRITON_DOT, rows, warps)
-            y = _outer_inverse(z, H, L).reshape(B, C, L)
-        ctx.save_for_backward(u, spectrum)
-        ctx.cfg = (H, Ni, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
-        return in_dtype_of(y, u)
+        y, saved, cfg = four_step_forward(u, k, D)
+        ctx.cfg = cfg
+        ctx.save_for_backward(*saved)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, spectrum = ctx.saved_tensors
-        H, Ni, Lk, prec, rows, warps, k_dtype, d_dtype = ctx.cfg
-        B, C, L = u.shape
-        grad_u = grad_k = grad_D = None
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            g_rows = _outer_rows(grad_y.reshape(B * C, L), H, Ni, spectrum.dtype)
-            if ctx.needs_input_grad[0]:
-                z = torch.ops.hyena.mfft_rows(g_rows, spectrum, C, H, 'adjoint', prec, rows, warps)
-                grad_u = _outer_inverse(z, H, L).reshape(B, C, L).to(u.dtype)
-            if ctx.needs_input_grad[1] or (d_dtype is not None and ctx.needs_input_grad[2]):
-                u_rows = _outer_rows(u.reshape(B * C, L), H, Ni, spectrum.dtype)
-                s = torch.ops.hyena.mfft_rows_grad_k(u_rows, g_rows, B, C, H, prec, min(rows, B), warps)
-                grad_taps = _outer_inverse(s, H, Lk)
-                grad_k = grad_taps.to(k_dtype)
-                grad_D = grad_taps[:, 0].to(d_dtype) if d_dtype is not None else None
-        return grad_u, grad_k, grad_D
+        return four_step_backward(ctx.saved_tensors, ctx.cfg, ctx.needs_input_grad, grad_y)

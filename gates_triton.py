@@ -13,8 +13,10 @@ backward (the gates' and short convs' gradients, their weight and bias reduction
 transposes between the two layouts) took ~3 ms of memory-bound kernels per operator at B * L = 64K on the H200,
 against the long convolution's ~0.8 ms (BENCHMARKS.md, "Where the operator's time goes"). Here each gate's forward
 is one kernel: a (BLOCK_T, BLOCK_C) tile of each stream is read once (the short conv's K - 1 neighbours come from
-L1/L2) and the transposed tile written once. Its backward is two: one writes the gradients of the short convs'
-outputs and sums this tile's share of their weight and bias gradients, one applies the short convs' transpose.
+L1/L2) and the transposed tile written once. Its backward writes the gradients of the short convs' outputs and
+sums this tile's share of their weight and bias gradients; after both gates, one kernel applies the short convs'
+transpose to all three streams and writes the gradient of p whole (hyena.GatedConv runs the three steps as one
+autograd Function, so that autograd does not concatenate the streams' gradients in another pass).
 """
 import contextlib
 
@@ -128,19 +130,22 @@ if triton is not None:
         _weight_grad_sums(gs, q_ptr, b * q_sb, t, c, c_ok, T, q_st, sums_ptr, D, K, KP)
 
     @triton.jit
-    def _short_conv_input_grad_kernel(gs_ptr, w_ptr, gx_ptr, T, W, t_blocks, K: tl.constexpr, BLOCK_T: tl.constexpr,
-                                      BLOCK_C: tl.constexpr):
+    def _short_conv_input_grad_kernel(gs1_ptr, gs2_ptr, w_ptr, gx_ptr, T, W1, W, t_blocks, K: tl.constexpr,
+                                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         """gx[b, t, c] = sum_s w[c, K - 1 - s] gs[b, t + s, c]: the gradient of the short conv's input x (B, T, W),
-        given gs, that of its output (contiguous, as gx), and its weight w (W, K): x[t] reaches sc[t + s] through
-        tap K - 1 - s."""
+        given gs, that of its output, as two contiguous pieces (channels [0, W1) in gs1, the rest in gs2), and its
+        weight w (W, K): x[t] reaches sc[t + s] through tap K - 1 - s."""
         b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
         c_ok = c < W
+        in1, in2 = c < W1, (c >= W1) & c_ok
         acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         for s in tl.static_range(K):
-            ts = t + s
-            g = tl.load(gs_ptr + (b * T + ts[:, None]) * W + c[None, :], mask=(ts < T)[:, None] & c_ok[None, :],
-                        other=0.0)
-            acc += tl.load(w_ptr + c * K + (K - 1 - s), mask=c_ok, other=0.0).to(tl.float32)[None, :] * g.to(tl.float32)
+            ts = ((b * T + t + s)[:, None]).to(tl.int64)
+            t_ok = (t + s < T)[:, None]
+            g = (tl.load(gs1_ptr + ts * W1 + c[None, :], mask=t_ok & in1[None, :], other=0.0).to(tl.float32)
+                 + tl.load(gs2_ptr + ts * (W - W1) + (c - W1)[None, :], mask=t_ok & in2[None, :],
+                           other=0.0).to(tl.float32))
+            acc += tl.load(w_ptr + c * K + (K - 1 - s), mask=c_ok, other=0.0).to(tl.float32)[None, :] * g
         tl.store(gx_ptr + (b * T + t[:, None]) * W + c[None, :], acc.to(gx_ptr.dtype.element_ty),
                  mask=(t < T)[:, None] & c_ok[None, :])
 
@@ -182,13 +187,14 @@ def _sums(n_tiles, K, D, device):
     return torch.empty((n_tiles, 1 << K.bit_length(), D), device=device, dtype=torch.float32)
 
 
-def _short_conv_input_grad(gs, w):
-    """gs (B, T, W) contiguous, the gradient of a short conv's output; w (W, K) -> the gradient of its input."""
-    B, T, W = gs.shape
-    gx = torch.empty_like(gs)
-    grid, t_blocks, launch = _launch('input_grad', B, T, W)
-    with _device(gs):
-        _short_conv_input_grad_kernel[grid](gs, w, gx, T, W, t_blocks, K=w.shape[1], **launch)
+def _short_conv_input_grad_impl(gs_q, gs_av, w):
+    """gs_q (B, T, D) and gs_av (B, T, 2D), contiguous: the gradient of the short conv's output, its q and its
+    (a, v) channels; w (3D, K) -> the gradient of its input, in_proj's output (B, T, 3D)."""
+    B, T, D = gs_q.shape
+    gx = gs_q.new_empty(B, T, 3 * D)
+    grid, t_blocks, launch = _launch('input_grad', B, T, 3 * D)
+    with _device(gs_q):
+        _short_conv_input_grad_kernel[grid](gs_q, gs_av, w, gx, T, D, 3 * D, t_blocks, K=w.shape[1], **launch)
     return gx
 
 
@@ -202,7 +208,7 @@ def _gate_in_bwd_impl(gz, a, v, wa, ba, wv, bv):
         _gate_in_bwd_kernel[grid](gz, a, v, wa, ba, wv, bv, gs, sums_a, sums_v, T, D, t_blocks, *gz.stride(),
                                   a.stride(0), a.stride(1), v.stride(0), v.stride(1), K=K, KP=sums_a.shape[1],
                                   **launch)
-    return _short_conv_input_grad(gs, torch.cat([wa, wv])), sums_a.sum(0)[:K + 1], sums_v.sum(0)[:K + 1]
+    return gs, sums_a.sum(0)[:K + 1], sums_v.sum(0)[:K + 1]
 
 
 def _gate_out_bwd_impl(go, y, q, wq, bq):
@@ -214,7 +220,7 @@ def _gate_out_bwd_impl(go, y, q, wq, bq):
     with _device(q):
         _gate_out_bwd_kernel[grid](go, y, q, wq, bq, gy, gs, sums, T, D, t_blocks, go.stride(0), go.stride(1),
                                    *y.stride(), q.stride(0), q.stride(1), K=K, KP=sums.shape[1], **launch)
-    return gy, _short_conv_input_grad(gs, wq), sums.sum(0)[:K + 1]
+    return gy, gs, sums.sum(0)[:K + 1]
 
 
 if triton is not None:
@@ -232,51 +238,20 @@ if triton is not None:
               '-> (Tensor, Tensor, Tensor)', _gate_in_bwd_impl,
               lambda gz, a, v, wa, ba, wv, bv: (a.new_empty(a.shape[0], a.shape[1], 2 * a.shape[2]), _wsums_fake(wa),
                                                 _wsums_fake(wv)))
+    define_op('short_conv_input_grad(Tensor gs_q, Tensor gs_av, Tensor w) -> Tensor', _short_conv_input_grad_impl,
+              lambda gs_q, gs_av, w: gs_q.new_empty(gs_q.shape[0], gs_q.shape[1], 3 * gs_q.shape[2]))
 
 
-def _param_grads(sums, w, b):
-    """(K + 1, D) sums -> the gradients of a (D, K) weight and a (D,) bias."""
-    K = w.shape[1]
-    return sums[:K].t().to(w.dtype), sums[K].to(b.dtype)
+def param_grads(sums_q, sums_a, sums_v, weight, bias):
+    """The three streams' (K + 1, D) sums -> the gradients of the short conv's weight (3D, 1, K) and bias (3D,)."""
+    sums = torch.cat([sums_q, sums_a, sums_v], dim=1)  # (K + 1, 3D)
+    K = weight.shape[-1]
+    return sums[:K].t().reshape(weight.shape).to(weight.dtype), sums[K].to(bias.dtype)
 
 
-class GateIn(torch.autograd.Function):
-    """z = sc(a) * sc(v), (B, D, T) contiguous, in a's dtype: a, v (B, T, D) with contiguous channels (views of
-    in_proj's output), w* (D, K) contiguous, b* (D,). Saves its inputs; the backward recomputes sc()."""
-
-    @staticmethod
-    def forward(ctx, a, v, wa, ba, wv, bv):
-        ctx.save_for_backward(a, v, wa, ba, wv, bv)
-        return torch.ops.hyena.gate_in(a, v, wa, ba, wv, bv)
-
-    @staticmethod
-    def backward(ctx, gz):
-        a, v, wa, ba, wv, bv = ctx.saved_tensors
-        g_av, sums_a, sums_v = torch.ops.hyena.gate_in_bwd(gz.to(a.dtype), a, v, wa, ba, wv, bv)  # (B, T, 2D)
-        return tuple(g_av.split(a.shape[-1], dim=-1)) + _param_grads(sums_a, wa, ba) + _param_grads(sums_v, wv, bv)
-
-
-class GateOut(torch.autograd.Function):
-    """o = y^T * sc(q), (B, T, D) contiguous, in q's dtype: y (B, D, T) (any strides), q (B, T, D) with contiguous
-    channels, wq (D, K) contiguous, bq (D,). Saves its inputs; the backward recomputes sc(q)."""
-
-    @staticmethod
-    def forward(ctx, y, q, wq, bq):
-        ctx.save_for_backward(y, q, wq, bq)
-        return torch.ops.hyena.gate_out(y, q, wq, bq)
-
-    @staticmethod
-    def backward(ctx, go):
-        y, q, wq, bq = ctx.saved_tensors
-        if go.stride(-1) != 1:  # the kernel reads channels contiguously
-            go = go.contiguous()
-        gy, gq, sums = torch.ops.hyena.gate_out_bwd(go.to(q.dtype), y, q, wq, bq)
-        return (gy, gq) + _param_grads(sums, wq, bq)
-
-
-def gates(p, short_filter):
-    """The streams of in_proj's output p (B, T, 3D) and the short conv's weights, split for gate_in and gate_out:
-    ((q, wq, bq), (a, wa, ba), (v, wv, bv)), each a view."""
-    D, K = p.shape[-1] // 3, short_filter.kernel_size[0]
-    weight, bias = short_filter.weight.view(3, D, K), short_filter.bias.view(3, D)
+def gates(p, weight, bias):
+    """The streams of in_proj's output p (B, T, 3D) and the short conv's weight (3D, 1, K) and bias (3D,), split
+    for the kernels: ((q, wq, bq), (a, wa, ba), (v, wv, bv)), each a view."""
+    D, K = p.shape[-1] // 3, weight.shape[-1]
+    weight, bias = weight.view(3, D, K), bias.view(3, D)
     return tuple((x, weight[i], bias[i]) for i, x in enumerate(p.split(D, dim=-1)))

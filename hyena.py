@@ -36,8 +36,9 @@ FFTCONV_IMPL = 'fast'   # fftconv(): 'plain' (autograd through torch.fft, the re
 SHORT_CONVS = ('auto', 'conv1d', 'shift', 'fused')  # what SHORT_CONV may be
 SHORT_CONV = 'auto'     # short_conv(): 'conv1d' (cuDNN depthwise), 'shift' (K shifted multiply-adds, which
 #                         torch.compile fuses with the gates and transposes), 'auto' (shift when compiling),
-#                         'fused' (order 2 on CUDA: the short convs and gates around the long convolution in
-#                         Triton kernels, gates_triton.py; 'auto' elsewhere)
+#                         'fused' (order 2 on CUDA, FFTCONV_IMPL 'fast' or 'triton', no dropout while training:
+#                         the short convs and gates around the long convolution in Triton kernels, gates_triton.py,
+#                         with the convolution in one autograd Function, GatedConv; 'auto' elsewhere)
 
 
 def fft_size(n, mode=None):
@@ -129,6 +130,43 @@ def _mul_spectra(a, b, conj=False, sum_to=None):
     return torch.view_as_complex(out.contiguous())
 
 
+def _fft_forward(u, k, D, n):
+    """The 'fast' path's forward (see _FFTConv) at FFT size n: -> (y, tensors to save, settings)."""
+    L = u.shape[-1]
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u32 = u.float().contiguous()
+        # irfft's 1/n goes into the filter's spectrum (C x n, once per call) rather than a pass over the
+        # (B, C, n) output: cuFFT does not scale, so norm='backward' costs an extra kernel per inverse
+        k_f = torch.fft.rfft(k.float(), n=n) / n
+        u_f = torch.fft.rfft(u32, n=n)
+        y = torch.fft.irfft(_mul_spectra(u_f, k_f), n=n, norm='forward')[..., :L]
+        if D is not None:
+            y = y + u32 * D.float().unsqueeze(-1)
+    return fftconv_triton.in_dtype_of(y, u), (u, u_f, k_f, D), (n, k.shape[-1], k.dtype)
+
+
+def _fft_backward(saved, cfg, needs, grad_y):
+    """(grad u, grad k, grad D) of _fft_forward, each None where needs (three bools) says so."""
+    u, u_f, k_f, D = saved
+    n, Lk, k_dtype = cfg
+    L = u.shape[-1]
+    grad_u = grad_k = grad_D = None
+    with torch.autocast(device_type=grad_y.device.type, enabled=False):
+        g32 = grad_y.float()
+        g_f = torch.fft.rfft(g32, n=n)
+        if needs[0]:
+            gu = torch.fft.irfft(_mul_spectra(g_f, k_f, conj=True), n=n, norm='forward')[..., :L]
+            if D is not None:
+                gu = gu + g32 * D.float().unsqueeze(-1)
+            grad_u = gu.sum_to_size(u.shape).to(u.dtype)
+        if needs[1]:
+            spec = _mul_spectra(g_f, u_f, conj=True, sum_to=k_f.shape)  # the batch summed before the irfft
+            grad_k = torch.fft.irfft(spec, n=n)[..., :Lk].to(k_dtype)
+        if D is not None and needs[2]:
+            grad_D = (g32 * u.float()).sum(-1).sum_to_size(D.shape).to(D.dtype)
+    return grad_u, grad_k, grad_D
+
+
 class _FFTConv(torch.autograd.Function):
     """fftconv with a backward that reuses the forward's spectra (impl 'fast'). Saves u (its own dtype),
     U = rfft(u) and K = rfft(k); the backward runs one rfft (of the incoming gradient) and one irfft per
@@ -136,39 +174,60 @@ class _FFTConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, k, D, n):
-        L = u.shape[-1]
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            u32 = u.float().contiguous()
-            # irfft's 1/n goes into the filter's spectrum (C x n, once per call) rather than a pass over the
-            # (B, C, n) output: cuFFT does not scale, so norm='backward' costs an extra kernel per inverse
-            k_f = torch.fft.rfft(k.float(), n=n) / n
-            u_f = torch.fft.rfft(u32, n=n)
-            y = torch.fft.irfft(_mul_spectra(u_f, k_f), n=n, norm='forward')[..., :L]
-            if D is not None:
-                y = y + u32 * D.float().unsqueeze(-1)
-        ctx.save_for_backward(u, u_f, k_f, D)
-        ctx.n, ctx.Lk, ctx.k_dtype = n, k.shape[-1], k.dtype
-        return fftconv_triton.in_dtype_of(y, u)
+        y, saved, cfg = _fft_forward(u, k, D, n)
+        ctx.save_for_backward(*saved)
+        ctx.cfg = cfg
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, u_f, k_f, D = ctx.saved_tensors
-        n, L, Lk = ctx.n, u.shape[-1], ctx.Lk
-        grad_u = grad_k = grad_D = None
-        with torch.autocast(device_type=grad_y.device.type, enabled=False):
-            g32 = grad_y.float()
-            g_f = torch.fft.rfft(g32, n=n)
-            if ctx.needs_input_grad[0]:
-                gu = torch.fft.irfft(_mul_spectra(g_f, k_f, conj=True), n=n, norm='forward')[..., :L]
-                if D is not None:
-                    gu = gu + g32 * D.float().unsqueeze(-1)
-                grad_u = gu.sum_to_size(u.shape).to(u.dtype)
-            if ctx.needs_input_grad[1]:
-                spec = _mul_spectra(g_f, u_f, conj=True, sum_to=k_f.shape)  # the batch summed before the irfft
-                grad_k = torch.fft.irfft(spec, n=n)[..., :Lk].to(ctx.k_dtype)
-            if D is not None and ctx.needs_input_grad[2]:
-                grad_D = (g32 * u.float()).sum(-1).sum_to_size(D.shape).to(D.dtype)
-        return grad_u, grad_k, grad_D, None
+        return _fft_backward(ctx.saved_tensors, ctx.cfg, ctx.needs_input_grad, grad_y) + (None,)
+
+
+# fftconv's fast and Triton paths as (forward, backward) functions, for GatedConv: forward(u, k, D) -> (y, tensors
+# to save, settings), backward(saved, settings, which gradients, grad_y) -> (grad u, grad k, grad D)
+_CONV_PATHS = {
+    'fast': (lambda u, k, D: _fft_forward(u, k, D, fft_size(u.shape[-1] + k.shape[-1] - 1)), _fft_backward),
+    'one-kernel': (fftconv_triton.monarch_forward, fftconv_triton.monarch_backward),
+    'four-step': (fftconv_triton.four_step_forward, fftconv_triton.four_step_backward),
+}
+
+
+def _conv_path(u, k, D):
+    """The key of _CONV_PATHS that fftconv(u, k, D) runs, None for 'plain' (u: any tensor of the input's shape)."""
+    if FFTCONV_IMPL == 'triton' and fftconv_triton.applies(u, k, D):
+        return 'one-kernel' if fftconv_triton.one_kernel(u.shape[-1]) else 'four-step'
+    return 'fast' if FFTCONV_IMPL in ('fast', 'triton') else None
+
+
+class GatedConv(torch.autograd.Function):
+    """An order-2 operator between in_proj and out_proj with SHORT_CONV 'fused': o = gate_out(fftconv(gate_in(p)))
+    (gates_triton.py), p (B, T, 3D) in_proj's output, weight (3D, 1, K) and bias (3D,) the short conv's, k (D, Lk)
+    and D (D,) the long filter and its skip, path a key of _CONV_PATHS. One Function, so that its backward writes the
+    gradient of p with one kernel: as three Functions on p's three streams, autograd concatenated their gradients in
+    another pass over (B, T, 3D). Saves p, y and what the convolution saves; the gates recompute the short convs."""
+
+    @staticmethod
+    def forward(ctx, p, weight, bias, k, D, path):
+        (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, weight, bias)
+        z = torch.ops.hyena.gate_in(a, v, wa, ba, wv, bv)  # sc(x_1) * sc(v), (B, D, T)
+        y, saved, cfg = _CONV_PATHS[path][0](z, k, D)
+        ctx.save_for_backward(p, weight, bias, y, *saved)
+        ctx.path, ctx.cfg = path, cfg
+        return torch.ops.hyena.gate_out(y, q, wq, bq)  # y * sc(x_0), (B, T, D)
+
+    @staticmethod
+    def backward(ctx, go):
+        p, weight, bias, y, *saved = ctx.saved_tensors
+        (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, weight, bias)
+        go = go.to(q.dtype)
+        if go.stride(-1) != 1:  # the kernel reads channels contiguously
+            go = go.contiguous()
+        gy, gs_q, sums_q = torch.ops.hyena.gate_out_bwd(go, y, q, wq, bq)
+        gz, grad_k, grad_D = _CONV_PATHS[ctx.path][1](saved, ctx.cfg, (True,) + ctx.needs_input_grad[3:5], gy)
+        gs_av, sums_a, sums_v = torch.ops.hyena.gate_in_bwd(gz.to(a.dtype), a, v, wa, ba, wv, bv)
+        grad_p = torch.ops.hyena.short_conv_input_grad(gs_q, gs_av, weight.view(weight.shape[0], -1))
+        return (grad_p,) + gates_triton.param_grads(sums_q, sums_a, sums_v, weight, bias) + (grad_k, grad_D, None)
 
 
 def short_conv(z, conv):
@@ -296,11 +355,13 @@ class HyenaOperator(nn.Module):
             return self._step(x, cache)
         B, T, D = x.shape
         p = self.in_proj(x)
-        if SHORT_CONV == 'fused' and cache is None and gates_triton.applies(p, self.order, self.short_filter):
-            (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, self.short_filter)
-            z = self.dropout(gates_triton.GateIn.apply(a, v, wa, ba, wv, bv))  # sc(x_1) * sc(v), (B, D, T)
-            y = fftconv(z, self.filter(T), self.filter.bias)
-            return self.out_proj(gates_triton.GateOut.apply(y, q, wq, bq))  # y * sc(x_0), (B, T, D)
+        if (SHORT_CONV == 'fused' and cache is None and not (self.training and self.dropout.p > 0)
+                and gates_triton.applies(p, self.order, self.short_filter)):
+            k, skip = self.filter(T), self.filter.bias
+            path = _conv_path(p[..., :D].transpose(1, 2), k, skip)  # a view of the convolution input's shape
+            if path is not None:
+                return self.out_proj(GatedConv.apply(p, self.short_filter.weight, self.short_filter.bias, k, skip,
+                                                     path))
         u = short_conv(p, self.short_filter)  # (B, (N+1)D, T), maybe a transposed view
         *gates, v = u.split(D, dim=1)
         h = self.filter(T).view(self.order - 1, D, T)

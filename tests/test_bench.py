@@ -288,10 +288,14 @@ TRITON_SCRIPT = textwrap.dedent('''
     op.zero_grad(); x.grad = None
     op(x).square().sum().backward()
     assert max(rel(a, b) for a, b in zip([x.grad] + [p.grad for p in op.parameters()], out)) < 1e-5
-    # the fused gates (SHORT_CONV 'fused') against the torch path: partial tiles in time and channels, K = 1 and 4,
-    # bf16 activations under autocast (the gates' outputs then round to bf16, hence 2e-2)
-    hyena.FFTCONV_IMPL = 'fast'
-    for (B, T, D, K, bf16) in [(2, 37, 70, 3, False), (1, 5, 16, 1, False), (3, 70, 24, 4, False), (2, 40, 80, 3, True)]:
+    # the fused gates (SHORT_CONV 'fused', hyena.GatedConv) against the torch path: partial tiles in time and
+    # channels, K = 1 and 4, bf16 activations under autocast (the gates' outputs then round to bf16, hence 2e-2),
+    # the cuFFT path's functions and both Triton paths (T = 300 takes the four-step one at TRITON_MAX_N = 256)
+    fftconv_triton.TRITON_MAX_N = 256
+    for (B, T, D, K, bf16, impl) in [(2, 37, 70, 3, False, 'fast'), (1, 5, 16, 1, False, 'fast'),
+                                     (3, 70, 24, 4, False, 'fast'), (2, 40, 80, 3, True, 'fast'),
+                                     (2, 37, 70, 3, False, 'triton'), (1, 300, 24, 3, False, 'triton')]:
+        hyena.FFTCONV_IMPL = impl
         op = HyenaOperator(D, l_max=T, short_filter_order=K)
         x, g = torch.randn(B, T, D), torch.randn(B, T, D)
         def run(short):
@@ -303,7 +307,24 @@ TRITON_SCRIPT = textwrap.dedent('''
             y.float().backward(g)
             return [y, xx.grad] + [p.grad.clone() for p in op.parameters()]
         errors = [rel(a, b) for a, b in zip(run('fused'), run('conv1d'))]
-        assert max(errors) < (2e-2 if bf16 else 1e-5), (B, T, D, K, errors)
+        assert max(errors) < (2e-2 if bf16 else 1e-5), (B, T, D, K, impl, errors)
+    # hyena.GatedConv compiled whole (forward and backward through AOT autograd) gives eager's values and gradients
+    hyena.SHORT_CONV = 'fused'
+    for impl, T in (('fast', 40), ('triton', 40), ('triton', 300)):
+        hyena.FFTCONV_IMPL = impl
+        op = HyenaOperator(16, l_max=T)
+        x = torch.randn(2, T, 16)
+        def run(fn):
+            op.zero_grad()
+            xx = x.clone().requires_grad_()
+            y = fn(xx)
+            y.square().sum().backward()
+            return [y, xx.grad] + [p.grad.clone() for p in op.parameters()]
+        eager = run(op)
+        torch._dynamo.reset()
+        compiled = run(torch.compile(op, backend='aot_eager', fullgraph=True))
+        assert all(torch.equal(a, b) for a, b in zip(compiled, eager)), (impl, T)
+    fftconv_triton.TRITON_MAX_N = 4096
     print('TRITON_OK', worst)
 ''')
 
