@@ -62,6 +62,7 @@ triton_max_n = 4096  # fftconv_triton.TRITON_MAX_N: largest FFT size of the one-
 triton_inner_n = 0  # fftconv_triton.TRITON_INNER_N: row FFT size of the four-step path (0: auto)
 triton_num_warps = 0  # fftconv_triton.TRITON_NUM_WARPS (0: by path, 4 one-kernel, 2 four-step)
 triton_rows = 0  # fftconv_triton.TRITON_ROWS (0: auto)
+triton_pairs = 1  # fftconv_triton.TRITON_PAIRS: one-kernel path, row pairs per matmul
 # check: CUDA correctness of every fast path against an fp64 reference, compiled against eager under bf16
 check_lengths = [1000, 2048, 16384]
 check_batch = 4
@@ -278,7 +279,8 @@ def parse_variant(spec):
 def hyena_settings(opts):
     new = {hyena: dict(FFTCONV_IMPL=opts['impl'], FFT_SIZE=opts['fft'], SHORT_CONV=opts['short']),
            fftconv_triton: dict(TRITON_DOT=opts['dot'], TRITON_MAX_N=triton_max_n, TRITON_INNER_N=triton_inner_n,
-                                TRITON_NUM_WARPS=triton_num_warps, TRITON_ROWS=triton_rows)}
+                                TRITON_NUM_WARPS=triton_num_warps, TRITON_ROWS=triton_rows,
+                                TRITON_PAIRS=triton_pairs)}
     old = {module: {k: getattr(module, k) for k in values} for module, values in new.items()}
     for module, values in new.items():
         for k, v in values.items():
@@ -637,7 +639,8 @@ def section_mixer():
     notes = [f'd_model={n_embd}, attention {n_head} heads (model.CausalSelfAttention: c_attn + SDPA + c_proj), '
              f'Hyena order 2 (in_proj, short conv, filter MLP, FFT conv, gates, out_proj); B*L={mixer_tokens}; '
              'ms: median fwd+bwd; MB: peak CUDA memory above the inputs and weights during one fwd+bwd (graphs: '
-             'during the first three, while the graphs are recorded into their memory pool); attention / best > 1 means Hyena is faster.']
+             'during the first three, while the graphs are recorded into their memory pool); '
+             'attention / best > 1 means Hyena is faster.']
     return columns, rows, notes
 
 
