@@ -425,6 +425,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
     T.clear_grads(optimizer, graphs)
     params = [p for p in raw.parameters() if p.requires_grad]
     bar = T.Progress(phase_end, initial=it, enabled=master, desc=key)
+    X, Y = data.get_batch('train', (batch_offset[stage_name] + it) * accum)
     t0, rate = time.time(), None
 
     while it < phase_end:
@@ -442,7 +443,6 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         T.seed_step(seed, dist.rank, index)
         loss_sum, layer_err = torch.zeros((), device=dist.device), {}
         for micro in range(accum):
-            X, Y = data.get_batch('train', index * accum + micro)
             with prec.ctx:
                 if stage_name == 'align':
                     errs = align_loss(X, train_layers, stream_model)
@@ -461,6 +461,8 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
                         loss = loss_fn(logits, teacher_logits, ce, alpha, kd_temperature) / accum
                     else:
                         loss = ce / accum
+            # the next micro-step's batch (the next iteration's first one after the last) while the GPU works
+            X, Y = data.get_batch('train', index * accum + micro + 1)
             prec.scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         if stage_name == 'align':
@@ -469,7 +471,11 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         if grad_clip != 0.0:
             prec.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        if T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist):
+        # the loss is read at the step's sync, not after the optimizer step: the host then logs and launches
+        # the next iteration while the GPU runs the optimizer
+        nonfinite = T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist)
+        lossf = loss_sum.item()
+        if nonfinite:
             if not skip_nonfinite:
                 bar.close()
                 kept = f"the last good checkpoint {ckpt_path} ({last_saved}) is kept" if last_saved else "no checkpoint yet"
@@ -485,7 +491,6 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         rate = tokens_per_iter / dt if rate is None else 0.9 * rate + 0.1 * tokens_per_iter / dt
-        lossf = loss_sum.item()
         mfu = None
         if stage_name != 'align' and peak:  # student forward + backward, plus the teacher's forward in kd
             flops = raw.flops_per_token(block_size) + (teacher_model.flops_per_token(block_size) / 3 if alpha else 0)

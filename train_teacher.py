@@ -17,6 +17,7 @@ out_dir/log.jsonl (one record per log_interval iterations and per eval).
 SIGTERM / SIGINT: saves ckpt.pt and exits with status 143 / 130; --init_from=resume continues exactly.
 """
 import dataclasses
+import math
 import os
 import time
 
@@ -220,9 +221,13 @@ while True:
     if grad_clip != 0.0:
         prec.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    # fp16's GradScaler skips steps with inf gradients by itself; otherwise a bad gradient is ours to catch
-    if T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist):
-        what = f"non-finite loss ({loss_sum.item()})" if not torch.isfinite(loss_sum) else "non-finite gradient"
+    # fp16's GradScaler skips steps with inf gradients by itself; otherwise a bad gradient is ours to catch. The
+    # loss is read at this sync, not after the optimizer step: the host then logs and launches the next iteration
+    # while the GPU runs the optimizer
+    nonfinite = T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist)
+    lossf = loss_sum.item()
+    if nonfinite:
+        what = f"non-finite loss ({lossf})" if not math.isfinite(lossf) else "non-finite gradient"
         if not skip_nonfinite:
             kept = (f"the last good checkpoint {ckpt_path} (iter {last_saved}) is kept" if last_saved is not None
                     else "no checkpoint was written yet")
@@ -242,7 +247,6 @@ while True:
     t1 = time.time()
     dt, t0 = t1 - t0, t1
     tokens_seen += tokens_per_iter
-    lossf = loss_sum.item()
     tok_rate = tokens_per_iter / dt if tok_rate is None else 0.9 * tok_rate + 0.1 * tokens_per_iter / dt
     if local_iter >= 3:  # let the first iterations (compile, warm-up) pass
         mfu = raw_model.estimate_mfu(batch_size * accum, dt)
