@@ -17,8 +17,8 @@ import torch
 import fftconv_triton
 import hyena
 import training as T
-from conftest import (REFERENCE, REPO, TINY_VOCAB, assert_one_line_error, losses, popen_patched, read_log,
-                      run_patched, run_script, train_args, _env)
+from conftest import (REFERENCE, REPO, TINY_VOCAB, assert_one_line_error, losses, patched_command, popen_patched,
+                      read_log, run_patched, run_script, train_args, _env)
 
 SLOW_BATCHES = """
 import time, training
@@ -60,6 +60,17 @@ torch.save = save
 """
 
 
+SIGTERM_RANK_1_AT_ITER_20 = """
+import os, signal, training
+_get_batch = training.TokenData.get_batch
+def get_batch(self, split, index, *args, **kwargs):
+    if split == 'train' and self.rank == 1 and index == 20:  # one micro-step per rank: iteration 20's batch
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _get_batch(self, split, index, *args, **kwargs)
+training.TokenData.get_batch = get_batch
+"""
+
+
 # ---- 1. preemption ------------------------------------------------------------------------------------------
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_resume_matches_the_uninterrupted_run(tiny_data, reference_run,
@@ -80,6 +91,23 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_matches_the_uninterrupt
     resumed = run_script('train_teacher.py', *train_args(tiny_data, tmp_path, **REFERENCE), '--init_from=resume')
     assert resumed.returncode == 0, resumed.stderr
     assert losses(tmp_path) == losses(reference_run)
+
+
+def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_iteration_with_one_checkpoint(tiny_data, tmp_path):
+    # only rank 1 gets the signal (while it fetches a batch of iteration ~20); rank 0 must learn of it and stop at
+    # the same iteration, or one rank would wait forever in the next collective
+    cmd = patched_command(tmp_path, SIGTERM_RANK_1_AT_ITER_20, 'train_teacher.py',
+                          *train_args(tiny_data, tmp_path, **dict(REFERENCE, eval_interval=100)))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           *cmd[1:]], capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
+    # the workers exit with 143, which torchrun reports as a failure (with a traceback of its own); none of them
+    # raised. Only rank 0 writes checkpoints and prints: its stop at the signal's iteration is the agreement
+    assert proc.returncode != 0 and 'exitcode  : 143' in proc.stderr, proc.stderr
+    assert 'train_teacher.py", line' not in proc.stderr
+    stopped_at = T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num']
+    assert 19 <= stopped_at <= 22
+    assert f"stopped by SIGTERM at iter {stopped_at}" in proc.stdout
+    assert max(r['iter'] for r in read_log(tmp_path) if 'loss' in r) == stopped_at - 1
 
 
 # ---- 2. atomic checkpoints ----------------------------------------------------------------------------------
