@@ -473,7 +473,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         # the loss is read at the step's sync, not after the optimizer step: the host then logs and launches
         # the next iteration while the GPU runs the optimizer
-        nonfinite = T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist)
+        nonfinite = T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist, stop)
         lossf = loss_sum.item()
         if nonfinite:
             if not skip_nonfinite:

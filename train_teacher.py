@@ -224,7 +224,7 @@ while True:
     # fp16's GradScaler skips steps with inf gradients by itself; otherwise a bad gradient is ours to catch. The
     # loss is read at this sync, not after the optimizer step: the host then logs and launches the next iteration
     # while the GPU runs the optimizer
-    nonfinite = T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist)
+    nonfinite = T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist, stop)
     lossf = loss_sum.item()
     if nonfinite:
         what = f"non-finite loss ({lossf})" if not math.isfinite(lossf) else "non-finite gradient"

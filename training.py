@@ -438,15 +438,22 @@ def estimate_loss(model, data, eval_iters, ctx=nullcontext(), dist=None, splits=
     return out
 
 
-def any_nonfinite(loss, grad_norm=None, dist=None):
-    """True when the loss (or the gradient norm, when given) is NaN or inf on any rank. One host sync."""
+def any_nonfinite(loss, grad_norm=None, dist=None, stop=None):
+    """True when the loss (or the gradient norm, when given) is NaN or inf on any rank. One host sync; under DDP
+    its all-reduce also carries stop's signal (a StopFlag), so that stop.requested() needs no collective, and so no
+    sync, of its own: a training step then has one host sync, and the next one's launches overlap the optimizer."""
     bad = ~torch.isfinite(loss.detach().float())
     if grad_norm is not None:
         bad = bad | ~torch.isfinite(grad_norm.detach().float())
-    if dist is not None and dist.ddp:
-        bad = bad.float().reshape(1).to(dist.device)
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    return bool(bad.item())
+    if dist is None or not dist.ddp:
+        return bool(bad.item())
+    signum = 0 if stop is None or stop.signum is None else stop.signum
+    flags = torch.stack([bad.float().reshape(()), torch.full((), float(signum), device=bad.device)])
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    any_bad, signum = flags.tolist()
+    if stop is not None:
+        stop.agree(int(signum))
+    return bool(any_bad)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------
@@ -540,11 +547,13 @@ class StopFlag:
     exit_code = 128 + signal number); a second SIGINT (Ctrl-C again) aborts at once with
     KeyboardInterrupt. Further SIGTERMs are ignored: torchrun sends one to every worker after a Ctrl-C,
     and that must not abort the checkpoint being written.
-    requested(dist) is True once any rank got a signal (all-reduced under DDP, so all ranks stop at the
-    same iteration). Install it in the main thread; restore() puts the previous handlers back."""
+    requested(dist) is True once any rank got a signal: under DDP, once the ranks agreed on it (the step's
+    any_nonfinite all-reduces the signal with its own flag), so all ranks stop at the same iteration, one
+    step after the signal at most. Install it in the main thread; restore() puts the previous handlers back."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signum = None
+        self.agreed = None  # under DDP: the ranks' largest signal number (0: none) agreed since requested() last ran
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
@@ -557,13 +566,21 @@ class StopFlag:
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this iteration "
               f"(send it again to abort at once)", file=sys.stderr, flush=True)
 
+    def agree(self, signum):
+        """Take the all-reduced (MAX) signal number of the ranks: a signal any rank got is every rank's now."""
+        self.agreed = signum
+        if signum and self.signum is None:
+            self.signum = signum
+
     def requested(self, dist=None):
-        """Whether to stop now (the same answer on every rank)."""
-        flag = 0 if self.signum is None else self.signum
-        if dist is not None and dist.ddp:
-            flag = int(_all_reduce([flag], dist, torch.distributed.ReduceOp.MAX)[0])
-            if flag and self.signum is None:
-                self.signum = flag
+        """Whether to stop now (the same answer on every rank). Under DDP the agreement made since the last call
+        (by the step's any_nonfinite), else one made here with a collective of its own (the first call, or a loop
+        that does not pass its StopFlag to any_nonfinite): every rank calls both in the same order."""
+        if dist is None or not dist.ddp:
+            return self.signum is not None
+        if self.agreed is None:
+            self.agree(int(_all_reduce([self.signum or 0], dist, torch.distributed.ReduceOp.MAX)[0]))
+        flag, self.agreed = self.agreed, None
         return bool(flag)
 
     @property

@@ -93,22 +93,54 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_matches_the_uninterrupt
     assert losses(tmp_path) == losses(reference_run)
 
 
-def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_iteration_with_one_checkpoint(tiny_data, tmp_path):
-    # only rank 1 gets the signal (while it fetches a batch of iteration ~20); rank 0 must learn of it and stop at
-    # the same iteration, or one rank would wait forever in the next collective
-    cmd = patched_command(tmp_path, SIGTERM_RANK_1_AT_ITER_20, 'train_teacher.py',
-                          *train_args(tiny_data, tmp_path, **dict(REFERENCE, eval_interval=100)))
+@pytest.mark.parametrize('script', ['train_teacher.py', 'distill.py'])
+def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_iteration_with_one_checkpoint(script, tiny_data,
+                                                                                           reference_run, tmp_path):
+    # only rank 1 gets the signal (while it fetches the batch of iteration 20, one micro-step per rank); rank 0 must
+    # learn of it and stop at the same iteration, or one rank would wait forever in the next collective
+    if script == 'train_teacher.py':
+        args = train_args(tiny_data, tmp_path, **dict(REFERENCE, eval_interval=100))
+    else:  # the reference run's model as the teacher, kd only
+        args = [f'--data_dir={tiny_data}', f"--teacher={os.path.join(reference_run, 'ckpt.pt')}",
+                f'--out_dir={tmp_path}', '--device=cpu', '--compile=False', '--batch_size=8',
+                '--gradient_accumulation_steps=2', '--align_iters=0', '--kd_iters=40', '--scratch_iters=0',
+                '--eval_interval=100', '--eval_iters=2']
+    cmd = patched_command(tmp_path, SIGTERM_RANK_1_AT_ITER_20, script, *args)
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                            *cmd[1:]], capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
     # the workers exit with 143, which torchrun reports as a failure (with a traceback of its own); none of them
-    # raised. Only rank 0 writes checkpoints and prints: its stop at the signal's iteration is the agreement
+    # raised. Only rank 0 writes checkpoints: its stop at the signal's iteration is the agreement
     assert proc.returncode != 0 and 'exitcode  : 143' in proc.stderr, proc.stderr
-    assert 'train_teacher.py", line' not in proc.stderr
-    stopped_at = T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num']
+    assert f'{script}", line' not in proc.stderr
+    ckpt = T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))
+    stopped_at = ckpt['iter_num'] if script == 'train_teacher.py' else ckpt['stage_iter']
     assert 19 <= stopped_at <= 22
-    assert f"stopped by SIGTERM at iter {stopped_at}" in proc.stdout
-    assert max(r['iter'] for r in read_log(tmp_path) if 'loss' in r) == stopped_at - 1
+    assert max(r['iter'] for r in read_log(tmp_path) if 'loss' in r) == stopped_at - (script == 'train_teacher.py')
+    assert 'by SIGTERM' in proc.stdout and f'{stopped_at}; resume with --init_from=resume' in proc.stdout
 
+def test_under_ddp_a_step_has_one_collective_which_also_agrees_on_stop_signals(monkeypatch, tmp_path):
+    # the step's non-finite check carries the stop flag, so stop.requested() makes no collective (no host sync)
+    # of its own but the first; a signal one rank got is every rank's after the next check
+    reduced = []
+    all_reduce = torch.distributed.all_reduce
+    monkeypatch.setattr(torch.distributed, 'all_reduce', lambda t, *a, **k: (reduced.append(t.numel()),
+                                                                             all_reduce(t, *a, **k))[1])
+    torch.distributed.init_process_group('gloo', init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    stop = T.StopFlag(signals=())
+    try:
+        dist = T.DistInfo(True, 0, 0, 1, 'cpu', True, 0)
+        assert stop.requested(dist) is False
+        for _ in range(3):
+            assert T.any_nonfinite(torch.tensor(1.0), None, dist, stop) is False
+            assert stop.requested(dist) is False
+        stop.signum = signal.SIGTERM  # what the handler does
+        assert T.any_nonfinite(torch.tensor(1.0), None, dist, stop) is False
+        assert stop.requested(dist) is True
+        assert len(reduced) == 1 + 4
+    finally:
+        time.sleep(0.1)  # gloo's workers drop their last work before the group goes (as in the bucket-view test)
+        torch.distributed.destroy_process_group()
 
 # ---- 2. atomic checkpoints ----------------------------------------------------------------------------------
 
