@@ -2,9 +2,10 @@
 The long convolution of hyena.fftconv fused into Triton kernels, the FFTs done as matmuls on tensor cores
 (impl 'triton': hyena.FFTCONV_IMPL = 'triton' or fftconv(..., impl='triton')). Opt-in and CUDA only (CPU tests
 run it in Triton's interpreter; elsewhere hyena.fftconv uses its 'fast' path). Two paths: one kernel per
-direction up to L = TRITON_MAX_N / 2, the four-step FFT (FourStepFFTConv, at the end) beyond. Measured on an
-H200 (BENCHMARKS.md), B*L = 64K, d = 768, bf16, fwd+bwd: 1.1 ms at L = 1K, 1.9 ms at 16K, 3.3 ms at 64K, against
-cuFFT's 4.6, 5.7 and 9.5 ms.
+direction up to L = TRITON_MAX_N / 2 (monarch_forward / _backward), the four-step FFT (four_step_forward /
+_backward, at the end) beyond; hyena._Conv and hyena.GatedConv call them. Measured on an H200 (BENCHMARKS.md),
+B*L = 64K, d = 768, bf16, fwd+bwd: 1.1 ms at L = 1K, 1.9 ms at 16K, 3.3 ms at 64K, against cuFFT's 4.6, 5.7 and
+9.5 ms.
 
 FlashFFTConv's idea (Fu et al. 2023, arXiv:2311.05908) in a two-factor Monarch form. For N = N1 * N2, with the
 signal x[n1 * N2 + n2] seen as an (N1, N2) matrix and frequencies k = k1 + N1 * k2:
@@ -195,7 +196,7 @@ if triton is not None:
         tl.store(gk_ptr + out * Lk + t1, gk, mask=t1 < Lk)
         tl.store(gd_ptr + out, tl.sum(tl.sum(dd, axis=1), axis=0))
 
-    # ---- four-step path (N > TRITON_MAX_N): the row kernels between the outer matmuls of FourStepFFTConv ----
+    # ---- four-step path (N > TRITON_MAX_N): the row kernels between the outer matmuls of four_step_forward ----
     @triton.jit
     def _mfft_full_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1: tl.constexpr, N2: tl.constexpr):
         """All of F_N1, F_N2 and T (a full complex row, no zero half), and the row-major index of (N1, N2)."""
@@ -295,8 +296,8 @@ if triton is not None:
 
 def in_dtype_of(y, u):
     """y in u's dtype for an autograd Function's forward to return: y itself when it already is. torch 2.11 compiles
-    a Function whose forward ends in a no-op .to() to wrong gradients (zeros for hyena._FFTConv with fp32 inputs;
-    FourStepFFTConv's backward run in the forward graph on a constant gradient); 2.13 does not. tests/test_bench.py
+    a Function whose forward ends in a no-op .to() to wrong gradients (zeros for the 'fast' path with fp32 inputs;
+    the four-step path's backward run in the forward graph on a constant gradient); 2.13 does not. tests/test_bench.py
     reproduces both on the CPU under torch 2.11, tests/test_cuda.py holds compiled gradients to eager ones."""
     return y if y.dtype == u.dtype else y.to(u.dtype)
 
@@ -399,11 +400,6 @@ def one_kernel(L):
     return _mfft_plan(L)[0] <= TRITON_MAX_N
 
 
-def fftconv(u, k, D):
-    """hyena.fftconv's 'triton' path: one kernel per direction up to N = TRITON_MAX_N, the four-step path above."""
-    return (MonarchFFTConv if one_kernel(u.shape[-1]) else FourStepFFTConv).apply(u, k, D)
-
-
 def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
     B, C, L = u.shape
     N1, N2 = kr.shape[1], kr.shape[2]
@@ -441,7 +437,7 @@ def _mfft_rows_impl(a, k, C, H, mode, prec, rows, warps):
 
 
 def _grad_k_dtype(au):
-    """The batch-summed spectra products: fp32, float64 when the rows are ('ieee', see FourStepFFTConv)."""
+    """The batch-summed spectra products: fp32, float64 when the rows are ('ieee', see four_step_forward)."""
     return torch.float64 if au.dtype == torch.float64 else torch.float32
 
 
@@ -493,8 +489,9 @@ if triton is not None:
 
 
 def monarch_forward(u, k, D):
-    """The one-kernel path's forward: u (B, C, L), k (C, Lk), D (C,) or None -> (y, tensors to save, settings).
-    Saves only u and the filter's spectrum; the backward recomputes the row FFTs inside the kernels."""
+    """fftconv for N <= TRITON_MAX_N, one kernel per direction: u (B, C, L), k (C, Lk), D (C,) or None -> (y,
+    tensors to save, settings). Saves only u and the filter's spectrum; the backward recomputes the row FFTs
+    inside the kernels."""
     B, C, L = u.shape
     N, N1, N2 = _mfft_plan(L)
     rows, warps = _mfft_launch(B, 4)
@@ -520,21 +517,6 @@ def monarch_backward(saved, cfg, needs, grad_y):
         grad_k = gk.sum(0).to(k_dtype)
         grad_D = gd.sum(0).to(d_dtype) if d_dtype is not None else None
     return grad_u, grad_k, grad_D
-
-
-class MonarchFFTConv(torch.autograd.Function):
-    """fftconv through the Triton kernels (impl 'triton'): u (B, C, L) contiguous, k (C, Lk), D (C,) or None."""
-
-    @staticmethod
-    def forward(ctx, u, k, D):
-        y, saved, cfg = monarch_forward(u, k, D)
-        ctx.cfg = cfg
-        ctx.save_for_backward(*saved)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return monarch_backward(ctx.saved_tensors, ctx.cfg, ctx.needs_input_grad, grad_y)
 
 
 def _outer_twiddles(H, Ni, device):
@@ -563,7 +545,14 @@ def _outer_inverse(z, H, n_out):
 
 
 def four_step_forward(u, k, D):
-    """The four-step path's forward (see FourStepFFTConv): -> (y, tensors to save, settings)."""
+    """fftconv for N > TRITON_MAX_N (u (B, C, L), k (C, Lk), D (C,) or None) -> (y, tensors to save, settings).
+    The four-step FFT (Bailey 1990; the Monarch view of FlashFFTConv, arXiv:2311.05908 §3.2): the signal
+    zero-padded to N = 2H * Ni is an (2H, Ni) matrix whose last H rows are zero; an outer DFT over its columns (a
+    cuBLAS matmul, keeping the H + 1 frequencies a real input needs), a twiddle, then row DFTs of size Ni, the
+    product with the filter's spectrum and the inverse row DFTs fused in one Triton kernel (_mfft_rows_kernel, in
+    registers), and the outer inverse as a second matmul. The skip term D is folded into the filter's first tap
+    (conv(u, k) + D u = conv(u, k + D delta)), so grad D is grad k[:, 0]. Intermediates (between the matmuls and
+    the row kernels) are bf16 for TRITON_DOT 'bf16', fp32 for 'tf32', float64 for 'ieee'."""
     B, C, L = u.shape
     _, Ni, H, _, _ = _four_step_plan(L)
     # the outer matmuls' dtype: cuBLAS follows torch's global TF32 switch for fp32 (training.py and bench.py
@@ -601,25 +590,3 @@ def four_step_backward(saved, cfg, needs, grad_y):
             grad_k = grad_taps.to(k_dtype)
             grad_D = grad_taps[:, 0].to(d_dtype) if d_dtype is not None else None
     return grad_u, grad_k, grad_D
-
-
-class FourStepFFTConv(torch.autograd.Function):
-    """fftconv for N > TRITON_MAX_N (u (B, C, L), k (C, Lk), D (C,) or None). The four-step FFT (Bailey 1990;
-    the Monarch view of FlashFFTConv, arXiv:2311.05908 §3.2): the signal zero-padded to N = 2H * Ni is an
-    (2H, Ni) matrix whose last H rows are zero; an outer DFT over its columns (a cuBLAS matmul, keeping the
-    H + 1 frequencies a real input needs), a twiddle, then row DFTs of size Ni, the product with the filter's
-    spectrum and the inverse row DFTs fused in one Triton kernel (_mfft_rows_kernel, in registers), and the
-    outer inverse as a second matmul. The skip term D is folded into the filter's first tap (conv(u, k) + D u =
-    conv(u, k + D delta)), so grad D is grad k[:, 0]. Intermediates (between the matmuls and the row kernels)
-    are bf16 for TRITON_DOT 'bf16', fp32 for 'tf32', float64 for 'ieee'."""
-
-    @staticmethod
-    def forward(ctx, u, k, D):
-        y, saved, cfg = four_step_forward(u, k, D)
-        ctx.cfg = cfg
-        ctx.save_for_backward(*saved)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return four_step_backward(ctx.saved_tensors, ctx.cfg, ctx.needs_input_grad, grad_y)

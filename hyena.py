@@ -87,13 +87,11 @@ def fftconv(u, k, D=None, impl=None):
     if Lk > L:
         raise ValueError(f"fftconv: filter length {Lk} exceeds input length {L}; pass k[..., :{L}]")
     impl = impl or FFTCONV_IMPL
+    if impl not in FFTCONV_IMPLS:
+        raise ValueError(f"fftconv: impl must be one of {', '.join(FFTCONV_IMPLS)}, got {impl!r}")
     if impl == 'plain':
         return fftconv_reference(u, k, D)
-    if impl == 'triton' and fftconv_triton.applies(u, k, D):
-        return fftconv_triton.fftconv(u, k, D)
-    if impl in ('fast', 'triton'):
-        return _FFTConv.apply(u, k, D, fft_size(L + Lk - 1))
-    raise ValueError(f"fftconv: impl must be one of {', '.join(FFTCONV_IMPLS)}, got {impl!r}")
+    return _Conv.apply(u, k, D, _conv_path(u, k, D, impl))
 
 
 def fftconv_reference(u, k, D=None):
@@ -131,7 +129,9 @@ def _mul_spectra(a, b, conj=False, sum_to=None):
 
 
 def _fft_forward(u, k, D, n):
-    """The 'fast' path's forward (see _FFTConv) at FFT size n: -> (y, tensors to save, settings)."""
+    """The 'fast' path's forward at FFT size n: -> (y, tensors to save, settings). Saves u (its own dtype),
+    U = rfft(u) and K = rfft(k), so that the backward runs one rfft (of the incoming gradient) and one irfft per
+    input that needs a gradient. Any broadcastable u, k, D, as fftconv_reference."""
     L = u.shape[-1]
     with torch.autocast(device_type=u.device.type, enabled=False):
         u32 = u.float().contiguous()
@@ -167,25 +167,9 @@ def _fft_backward(saved, cfg, needs, grad_y):
     return grad_u, grad_k, grad_D
 
 
-class _FFTConv(torch.autograd.Function):
-    """fftconv with a backward that reuses the forward's spectra (impl 'fast'). Saves u (its own dtype),
-    U = rfft(u) and K = rfft(k); the backward runs one rfft (of the incoming gradient) and one irfft per
-    input that needs a gradient. Any broadcastable u, k, D, as fftconv_reference."""
-
-    @staticmethod
-    def forward(ctx, u, k, D, n):
-        y, saved, cfg = _fft_forward(u, k, D, n)
-        ctx.save_for_backward(*saved)
-        ctx.cfg = cfg
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return _fft_backward(ctx.saved_tensors, ctx.cfg, ctx.needs_input_grad, grad_y) + (None,)
-
-
-# fftconv's fast and Triton paths as (forward, backward) functions, for GatedConv: forward(u, k, D) -> (y, tensors
-# to save, settings), backward(saved, settings, which gradients, grad_y) -> (grad u, grad k, grad D)
+# fftconv's paths with hand-written backwards, as (forward, backward) functions for _Conv and GatedConv:
+# forward(u, k, D) -> (y, tensors to save, settings), backward(saved, settings, which gradients, grad_y) ->
+# (grad u, grad k, grad D). The Triton ones (fftconv_triton.py) take the place of 'fast' where they apply.
 _CONV_PATHS = {
     'fast': (lambda u, k, D: _fft_forward(u, k, D, fft_size(u.shape[-1] + k.shape[-1] - 1)), _fft_backward),
     'one-kernel': (fftconv_triton.monarch_forward, fftconv_triton.monarch_backward),
@@ -193,11 +177,28 @@ _CONV_PATHS = {
 }
 
 
-def _conv_path(u, k, D):
-    """The key of _CONV_PATHS that fftconv(u, k, D) runs, None for 'plain' (u: any tensor of the input's shape)."""
-    if FFTCONV_IMPL == 'triton' and fftconv_triton.applies(u, k, D):
+def _conv_path(u, k, D, impl=None):
+    """The key of _CONV_PATHS that fftconv(u, k, D, impl) runs, None for 'plain' (u: any tensor of the input's
+    shape)."""
+    impl = impl or FFTCONV_IMPL
+    if impl == 'triton' and fftconv_triton.applies(u, k, D):
         return 'one-kernel' if fftconv_triton.one_kernel(u.shape[-1]) else 'four-step'
-    return 'fast' if FFTCONV_IMPL in ('fast', 'triton') else None
+    return 'fast' if impl in ('fast', 'triton') else None
+
+
+class _Conv(torch.autograd.Function):
+    """fftconv through one of _CONV_PATHS (path: its key), with that path's backward."""
+
+    @staticmethod
+    def forward(ctx, u, k, D, path):
+        y, saved, cfg = _CONV_PATHS[path][0](u, k, D)
+        ctx.save_for_backward(*saved)
+        ctx.path, ctx.cfg = path, cfg
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _CONV_PATHS[ctx.path][1](ctx.saved_tensors, ctx.cfg, ctx.needs_input_grad, grad_y) + (None,)
 
 
 class GatedConv(torch.autograd.Function):

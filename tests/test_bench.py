@@ -144,7 +144,7 @@ def test_fast_fftconv_values_and_gradients_match_fp64(shape, Lk, with_D):
 
 @pytest.mark.parametrize('shape,Lk', [((2, 3, 7), 3), ((2, 2, 3, 50), 50)])
 def test_compiled_fast_fftconv_values_and_gradients_match_fp64(shape, Lk):
-    # torch 2.11 compiled _FFTConv's gradients to zeros for fp32 inputs (its forward returned a no-op .to())
+    # torch 2.11 compiled the fast path's gradients to zeros for fp32 inputs (its forward returned a no-op .to())
     C = shape[-2]
     u, k, D, g = torch.randn(shape), torch.randn(C, Lk), torch.randn(C), torch.randn(shape)
     ref = grads_of(direct_conv64, u.double(), k.double(), D.double(), g.double())

@@ -62,8 +62,8 @@ def test_compiled_operator_is_as_close_to_fp32_as_eager_under_bf16(L):
 @pytest.mark.parametrize('impl, L', [('fast', 1024), ('triton', 1024), ('triton', 8192)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_compiled_fftconv_gradients_match_eager(impl, L, dtype):
-    # torch 2.11 compiled _FFTConv's gradients (fp32 inputs) and FourStepFFTConv's (L = 8192 here; fp32 and bf16)
-    # wrong while their forward ended in a no-op y.to(u.dtype) (seen on the H200; see hyena._FFTConv)
+    # torch 2.11 compiled the fast path's gradients (fp32 inputs) and the four-step path's (L = 8192 here; fp32 and
+    # bf16) wrong while their forward ended in a no-op y.to(u.dtype) (seen on the H200; see fftconv_triton.in_dtype_of)
     torch.manual_seed(0)
     u = torch.randn(4, 64, L, device='cuda', dtype=dtype, requires_grad=True)
     k = (torch.randn(64, L, device='cuda') / L ** 0.5).requires_grad_()
