@@ -229,8 +229,9 @@ def clear_grads(optimizer, graphs):
         for p in group['params']:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
+    # one foreach kernel per dtype (fused AdamW's zero_grad) instead of a zero_() launch per parameter: the
+    # host launches the next iteration sooner (~200 launches for GPT-2 small, ~1 ms of host time per step)
+    optimizer.zero_grad(set_to_none=False)
 
 
 def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext(), mode='default'):
@@ -248,8 +249,11 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
     def ddp(m):
         if not dist.ddp:
             return m
+        # broadcast_buffers=False: the models' buffers are constants built the same way on every rank (Hyena's
+        # filter frequencies and decay rates); DDP would otherwise broadcast them before every forward, a
+        # collective that makes every micro-step wait for the slowest rank
         return DistributedDataParallel(m, device_ids=[dist.local_rank] if dist.device.startswith('cuda') else None,
-                                       gradient_as_bucket_view=True)
+                                       gradient_as_bucket_view=True, broadcast_buffers=False)
 
     check_compile_mode(mode)
     if not compile:

@@ -338,8 +338,10 @@ def test_compile_that_cannot_build_falls_back_to_eager_with_a_message(monkeypatc
     assert 'running eager' in capsys.readouterr().out
 
 
-def test_under_ddp_gradients_are_bucket_views_and_the_compiled_model_is_one_graph(monkeypatch, tmp_path):
-    # dynamo's DDP optimizer (a graph split at every gradient bucket) cost more than the overlap it buys on one node
+def test_under_ddp_gradients_are_bucket_views_buffers_are_not_rebroadcast_and_the_model_is_one_graph(
+        monkeypatch, tmp_path):
+    # dynamo's DDP optimizer (a graph split at every gradient bucket) cost more than the overlap it buys on one node;
+    # the models' buffers are constants, and a broadcast of them before every forward made each micro-step wait
     from torch.nn.parallel import DistributedDataParallel
     built_inside_ddp = []
 
@@ -361,9 +363,11 @@ def test_under_ddp_gradients_are_bucket_views_and_the_compiled_model_is_one_grap
     try:
         dist = T.DistInfo(True, 0, 0, 1, 'cpu', True, 0)
         model = torch.nn.Linear(4, 4)
+        model.register_buffer('frequencies', torch.arange(4.0))
         out, compiled = T.wrap_model(model, dist, True, (torch.ones(2, 4), None))
         assert compiled and isinstance(out, DistributedDataParallel) and isinstance(out.module, Compiled)
         assert out.gradient_as_bucket_view and torch._dynamo.config.optimize_ddp is False
+        assert not out.will_sync_module_buffers()
         assert built_inside_ddp == [True]  # the build step ran the whole DDP forward and backward
         assert model.weight.grad is None  # and left no gradients behind
     finally:
