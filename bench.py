@@ -62,7 +62,6 @@ triton_max_n = 4096  # fftconv_triton.TRITON_MAX_N: largest FFT size of the one-
 triton_inner_n = 0  # fftconv_triton.TRITON_INNER_N: row FFT size of the four-step path (0: auto)
 triton_num_warps = 0  # fftconv_triton.TRITON_NUM_WARPS (0: by path, 4 one-kernel, 2 four-step)
 triton_rows = 0  # fftconv_triton.TRITON_ROWS (0: auto)
-triton_pairs = 1  # fftconv_triton.TRITON_PAIRS: one-kernel path, row pairs per matmul
 # check: CUDA correctness of every fast path against an fp64 reference, compiled against eager under bf16
 check_lengths = [1000, 2048, 16384]
 check_batch = 4
@@ -279,8 +278,7 @@ def parse_variant(spec):
 def hyena_settings(opts):
     new = {hyena: dict(FFTCONV_IMPL=opts['impl'], FFT_SIZE=opts['fft'], SHORT_CONV=opts['short']),
            fftconv_triton: dict(TRITON_DOT=opts['dot'], TRITON_MAX_N=triton_max_n, TRITON_INNER_N=triton_inner_n,
-                                TRITON_NUM_WARPS=triton_num_warps, TRITON_ROWS=triton_rows,
-                                TRITON_PAIRS=triton_pairs)}
+                                TRITON_NUM_WARPS=triton_num_warps, TRITON_ROWS=triton_rows)}
     old = {module: {k: getattr(module, k) for k in values} for module, values in new.items()}
     for module, values in new.items():
         for k, v in values.items():

@@ -32,7 +32,6 @@ TRITON_MAX_N = 4096     # largest FFT size of the one-kernel path (registers); l
 TRITON_INNER_N = 0      # four-step path: row FFT length Ni, N = 2H * Ni (0: by N, see _four_step_plan)
 TRITON_NUM_WARPS = 0    # 0: by path, 4 one-kernel, 2 four-step (_mfft_launch; 8 were 2x slower on the H200)
 TRITON_ROWS = 0         # rows per program (0: 16, or fewer when there are few)
-TRITON_PAIRS = 1        # one-kernel path: row pairs per matmul (larger dots); 2 and 4 were 1.4-3x slower on the H200
 _TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
 _TRITON_POISON = False  # tests: fill kernel outputs with NaN first, so an unwritten element shows
 _MFFT_CONSTS = {}
@@ -78,122 +77,82 @@ if triton is not None:
                 _mfft_dot(F1r, ei, PREC) - _mfft_dot(F1i, er, PREC))
 
     @triton.jit
-    def _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1: tl.constexpr, N2: tl.constexpr,
-                          PAIRS: tl.constexpr):
+    def _mfft_load_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1: tl.constexpr, N2: tl.constexpr):
         """The DFT matrices of _mfft_consts: F_N1's first N1/2 columns (stage one of the forward: the input's upper
         half is zero) and first N1/2 rows (last stage of the inverse: only the first half of the output is kept),
-        F_N2; the twiddles T for PAIRS row pairs side by side (N1, PAIRS * N2) and stacked (PAIRS * N1, N2); the
-        time index of the side-by-side (N1/2, PAIRS * N2) input / output layout and each column's pair."""
+        F_N2, the twiddles T; the row-major index of (N1, N2) and the time index of the (N1/2, N2) input / output."""
         H1: tl.constexpr = N1 // 2
         i1 = tl.arange(0, N1)
         h1 = tl.arange(0, H1)
         i2 = tl.arange(0, N2)
-        j = tl.arange(0, PAIRS * N2)
-        wide = i1[:, None] * N2 + (j % N2)[None, :]
-        tall = (tl.arange(0, PAIRS * N1) % N1)[:, None] * N2 + i2[None, :]
+        mat = i1[:, None] * N2 + i2[None, :]
         return (tl.load(f1r_ptr + i1[:, None] * N1 + h1[None, :]), tl.load(f1i_ptr + i1[:, None] * N1 + h1[None, :]),
                 tl.load(f1r_ptr + h1[:, None] * N1 + i1[None, :]), tl.load(f1i_ptr + h1[:, None] * N1 + i1[None, :]),
                 tl.load(f2r_ptr + i2[:, None] * N2 + i2[None, :]), tl.load(f2i_ptr + i2[:, None] * N2 + i2[None, :]),
-                tl.load(tr_ptr + wide), tl.load(ti_ptr + wide), tl.load(tr_ptr + tall), tl.load(ti_ptr + tall), tall,
-                h1[:, None] * N2 + (j % N2)[None, :], j // N2)
+                tl.load(tr_ptr + mat), tl.load(ti_ptr + mat), mat, h1[:, None] * N2 + i2[None, :])
 
     @triton.jit
-    def _mfft_row_pairs(pb, r, pair, ROWS: tl.constexpr, c, B, C, L, t):
-        """Offsets of the rows (b0, c) and (b0 + 1, c) of a contiguous (B, C, L) tensor for each column's pair
-        (b0 = pb * ROWS + r + 2 * pair), and their load masks."""
-        row = r + 2 * pair
-        b0 = pb * ROWS + row
+    def _mfft_row_pair(pb, r, ROWS: tl.constexpr, c, B, C, L, t):
+        """Offsets of the rows (b0, c) and (b0 + 1, c) of a contiguous (B, C, L) tensor, b0 = pb * ROWS + r, and
+        their load masks (an odd batch, or an odd ROWS, leaves the second row out)."""
+        b0 = pb * ROWS + r
         base0 = (b0 * C + c).to(tl.int64) * L
-        return (base0[None, :], base0[None, :] + C * L, (t < L) & ((b0 < B) & (row < ROWS))[None, :],
-                (t < L) & ((b0 + 1 < B) & (row + 1 < ROWS))[None, :])
-
-    @triton.jit
-    def _mfft_wide_to_tall(x, N1: tl.constexpr, N2: tl.constexpr, PAIRS: tl.constexpr):
-        """(N1, PAIRS * N2), the row pairs side by side -> (PAIRS * N1, N2), stacked."""
-        return tl.reshape(tl.permute(tl.reshape(x, (N1, PAIRS, N2)), (1, 0, 2)), (PAIRS * N1, N2))
-
-    @triton.jit
-    def _mfft_tall_to_wide(x, N1: tl.constexpr, N2: tl.constexpr, PAIRS: tl.constexpr):
-        """(PAIRS * N1, N2) -> (N1, PAIRS * N2): the inverse of _mfft_wide_to_tall."""
-        return tl.reshape(tl.permute(tl.reshape(x, (PAIRS, N1, N2)), (1, 0, 2)), (N1, PAIRS * N2))
-
-    @triton.jit
-    def _mfft_batched_forward(xr, xi, F1hr, F1hi, Twr, Twi, F2r, F2i, N1: tl.constexpr, N2: tl.constexpr,
-                              PAIRS: tl.constexpr, PREC: tl.constexpr):
-        """_mfft_forward for PAIRS complex rows side by side (N1/2, PAIRS * N2): their spectra stacked
-        (PAIRS * N1, N2), [pair * N1 + k1, k2]."""
-        ar = _mfft_dot(F1hr, xr, PREC) - _mfft_dot(F1hi, xi, PREC)
-        ai = _mfft_dot(F1hr, xi, PREC) + _mfft_dot(F1hi, xr, PREC)
-        br = _mfft_wide_to_tall(ar * Twr - ai * Twi, N1, N2, PAIRS)
-        bi = _mfft_wide_to_tall(ar * Twi + ai * Twr, N1, N2, PAIRS)
-        return (_mfft_dot(br, F2r, PREC) - _mfft_dot(bi, F2i, PREC),
-                _mfft_dot(br, F2i, PREC) + _mfft_dot(bi, F2r, PREC))
+        return base0, base0 + C * L, (t < L) & (b0 < B), (t < L) & (b0 + 1 < B) & (r + 1 < ROWS)
 
     @triton.jit
     def _mfft_conv_kernel(u_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                          B, C, L, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PAIRS: tl.constexpr,
-                          PREC: tl.constexpr):
+                          B, C, L, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
         """y[b, c] = IDFT(DFT(u[b, c]) * K[c])[:L] + d[c] u[b, c], for one channel c and ROWS batch rows.
         Two rows at a time share one complex FFT: with a real filter, conv(u_b + i u_b', k) =
-        conv(u_b, k) + i conv(u_b', k), so the real and imaginary parts of the result are the two outputs.
-        PAIRS row pairs go through each matmul together, for larger dots: side by side (N1/2, PAIRS * N2) for the
-        stages that multiply by F_N1 from the left, stacked (PAIRS * N1, N2) for those that multiply by F_N2 from
-        the right (FlashFFTConv batches its signals the same way)."""
+        conv(u_b, k) + i conv(u_b', k), so the real and imaginary parts of the result are the two outputs."""
         c = tl.program_id(0)
         pb = tl.program_id(1)
-        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Twr, Twi, Ttr, Tti, tall, t, pair = _mfft_load_consts(
-            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PAIRS)
-        Kr = tl.load(kr_ptr + c * (N1 * N2) + tall)
-        Ki = tl.load(ki_ptr + c * (N1 * N2) + tall)
+        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti, mat, t = _mfft_load_consts(
+            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2)
+        Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
+        Ki = tl.load(ki_ptr + c * (N1 * N2) + mat)
         dc = tl.load(d_ptr + c)
-        for r in range(0, ROWS, 2 * PAIRS):
-            base0, base1, m0, m1 = _mfft_row_pairs(pb, r, pair, ROWS, c, B, C, L, t)
+        for r in range(0, ROWS, 2):
+            base0, base1, m0, m1 = _mfft_row_pair(pb, r, ROWS, c, B, C, L, t)
             xr = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
             xi = tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
-            cr, ci = _mfft_batched_forward(xr, xi, F1hr, F1hi, Twr, Twi, F2r, F2i, N1, N2, PAIRS, PREC)
-            er, ei = _mfft_inverse_stage2(cr * Kr - ci * Ki, cr * Ki + ci * Kr, Ttr, Tti, F2r, F2i, PREC)
+            cr, ci = _mfft_forward(xr, xi, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
+            er, ei = _mfft_inverse_stage2(cr * Kr - ci * Ki, cr * Ki + ci * Kr, Tr, Ti, F2r, F2i, PREC)
             # last stage, output rows n1 < N1/2: real part -> row b0, imaginary -> row b0 + 1
-            zr, zi = _mfft_inverse_stage1(_mfft_tall_to_wide(er, N1, N2, PAIRS), _mfft_tall_to_wide(ei, N1, N2, PAIRS),
-                                          F1tr, F1ti, PREC)
+            zr, zi = _mfft_inverse_stage1(er, ei, F1tr, F1ti, PREC)
             tl.store(y_ptr + base0 + t, (zr * (1.0 / (N1 * N2)) + dc * xr).to(y_ptr.dtype.element_ty), mask=m0)
             tl.store(y_ptr + base1 + t, (zi * (1.0 / (N1 * N2)) + dc * xi).to(y_ptr.dtype.element_ty), mask=m1)
 
     @triton.jit
     def _mfft_corr_kernel(u_ptr, g_ptr, gk_ptr, gd_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                          B, C, L, Lk, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PAIRS: tl.constexpr,
-                          PREC: tl.constexpr):
+                          B, C, L, Lk, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
         """Partial sums over this program's ROWS batch rows, channel c: gk[pb, c] = IDFT(sum conj(U) G)[:Lk]
         (the filter's gradient) and gd[pb, c] = sum g u (the skip term's). Rows go in pairs: with
         U = DFT(u_b + i u_b') and G = DFT(g_b + i g_b'), conj(U) G = (conj(U_b) G_b + conj(U_b') G_b') + i X,
-        where X is the spectrum of a real signal too, so Re(IDFT(.)) is the sum of the two correlations. PAIRS pairs
-        go through each forward matmul together, as in _mfft_conv_kernel."""
+        where X is the spectrum of a real signal too, so Re(IDFT(.)) is the sum of the two correlations."""
         c = tl.program_id(0)
         pb = tl.program_id(1)
-        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Twr, Twi, Ttr, Tti, tall, t, pair = _mfft_load_consts(
-            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PAIRS)
-        sr = tl.zeros([PAIRS * N1, N2], dtype=tl.float32)
-        si = tl.zeros([PAIRS * N1, N2], dtype=tl.float32)
-        dd = tl.zeros([N1 // 2, PAIRS * N2], dtype=tl.float32)
-        for r in range(0, ROWS, 2 * PAIRS):
-            base0, base1, m0, m1 = _mfft_row_pairs(pb, r, pair, ROWS, c, B, C, L, t)
+        F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti, mat, t = _mfft_load_consts(
+            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2)
+        sr = tl.zeros([N1, N2], dtype=tl.float32)
+        si = tl.zeros([N1, N2], dtype=tl.float32)
+        dd = tl.zeros([N1 // 2, N2], dtype=tl.float32)
+        for r in range(0, ROWS, 2):
+            base0, base1, m0, m1 = _mfft_row_pair(pb, r, ROWS, c, B, C, L, t)
             ur0 = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
             ui0 = tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
             gr0 = tl.load(g_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
             gi0 = tl.load(g_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
-            ur, ui = _mfft_batched_forward(ur0, ui0, F1hr, F1hi, Twr, Twi, F2r, F2i, N1, N2, PAIRS, PREC)
-            gr, gi = _mfft_batched_forward(gr0, gi0, F1hr, F1hi, Twr, Twi, F2r, F2i, N1, N2, PAIRS, PREC)
+            ur, ui = _mfft_forward(ur0, ui0, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
+            gr, gi = _mfft_forward(gr0, gi0, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
             sr += ur * gr + ui * gi
             si += ur * gi - ui * gr
             dd += ur0 * gr0 + ui0 * gi0
-        # the pairs' products summed, then one inverse
-        mat = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
-        er, ei = _mfft_inverse_stage2(tl.sum(tl.reshape(sr, (PAIRS, N1, N2)), axis=0),
-                                      tl.sum(tl.reshape(si, (PAIRS, N1, N2)), axis=0),
-                                      tl.load(tr_ptr + mat), tl.load(ti_ptr + mat), F2r, F2i, PREC)
+        # the rows' products summed, then one inverse
+        er, ei = _mfft_inverse_stage2(sr, si, Tr, Ti, F2r, F2i, PREC)
         gk = (_mfft_dot(F1tr, er, PREC) + _mfft_dot(F1ti, ei, PREC)) * (1.0 / (N1 * N2))
         out = (pb * C + c).to(tl.int64)
-        t1 = tl.arange(0, N1 // 2)[:, None] * N2 + tl.arange(0, N2)[None, :]
-        tl.store(gk_ptr + out * Lk + t1, gk, mask=t1 < Lk)
+        tl.store(gk_ptr + out * Lk + t, gk, mask=t < Lk)
         tl.store(gd_ptr + out, tl.sum(tl.sum(dd, axis=1), axis=0))
 
     # ---- four-step path (N > TRITON_MAX_N): the row kernels between the outer matmuls of four_step_forward ----
@@ -407,7 +366,7 @@ def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
     grid = (C, -(-B // rows))
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
         _mfft_conv_kernel[grid](u, y, kr, ki, d, *_mfft_consts(N1, N2, u.device), B, C, L, rows,
-                                N1=N1, N2=N2, PAIRS=TRITON_PAIRS, PREC=prec, num_warps=warps)
+                                N1=N1, N2=N2, PREC=prec, num_warps=warps)
     return y
 
 
@@ -419,7 +378,7 @@ def _mfft_corr_impl(u, g, N1, N2, Lk, prec, rows, warps):
     gd = torch.full((nb, C), fill, device=u.device, dtype=torch.float32)
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
         _mfft_corr_kernel[(C, nb)](u, g, gk, gd, *_mfft_consts(N1, N2, u.device), B, C, L, Lk, rows,
-                                   N1=N1, N2=N2, PAIRS=TRITON_PAIRS, PREC=prec, num_warps=warps)
+                                   N1=N1, N2=N2, PREC=prec, num_warps=warps)
     return gk, gd
 
 

@@ -248,9 +248,6 @@ TRITON_SCRIPT = textwrap.dedent('''
     worst = check([(3, 2, 1, 1, True, torch.float32, 2), (3, 2, 100, 37, False, torch.float32, 2),
                    (5, 2, 300, 300, True, torch.float32, 3), (1, 2, 40, 20, True, torch.float32, 0),
                    (2, 3, 700, 700, True, torch.bfloat16, 0)])
-    fftconv_triton.TRITON_PAIRS = 2  # two row pairs per matmul: odd batches leave a pair, or a row, without data
-    worst = max(worst, check([(3, 2, 100, 37, False, torch.float32, 2), (5, 2, 300, 300, True, torch.float32, 0)]))
-    fftconv_triton.TRITON_PAIRS = 1
     # past TRITON_MAX_N the four-step path (outer DFT matmuls around the row kernels); small sizes so the
     # interpreter sees it: every length here is four-step, with H = 1, 2 and 4 outer frequency pairs
     fftconv_triton.TRITON_MAX_N, fftconv_triton.TRITON_INNER_N = 256, 256
