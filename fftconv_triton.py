@@ -371,15 +371,17 @@ def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
 
 
 def _mfft_corr_impl(u, g, N1, N2, Lk, prec, rows, warps):
+    """(grad k (C, Lk), grad D (C,)) in fp32: the kernel's per-program partial sums, summed over the programs
+    only when there are several (at batch <= rows, the GPT-2-size step's case, no reduction kernel)."""
     B, C, L = u.shape
     nb = -(-B // rows)
-    fill = float('nan') if _TRITON_POISON else 0.0
-    gk = torch.full((nb, C, Lk), fill, device=u.device, dtype=torch.float32)
-    gd = torch.full((nb, C), fill, device=u.device, dtype=torch.float32)
+    make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
+    gk = make((nb, C, Lk), device=u.device, dtype=torch.float32)  # the kernel writes every element
+    gd = make((nb, C), device=u.device, dtype=torch.float32)
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
         _mfft_corr_kernel[(C, nb)](u, g, gk, gd, *_mfft_consts(N1, N2, u.device), B, C, L, Lk, rows,
                                    N1=N1, N2=N2, PREC=prec, num_warps=warps)
-    return gk, gd
+    return (gk.sum(0), gd.sum(0)) if nb > 1 else (gk.view(C, Lk), gd.view(C))
 
 
 def _mfft_rows_impl(a, k, C, H, mode, prec, rows, warps):
@@ -432,8 +434,7 @@ def define_op(schema, impl, fake):
 
 if triton is not None:
     def _corr_fake(u, g, n1, n2, lk, prec, rows, warps):
-        nb = -(-u.shape[0] // rows)
-        return u.new_empty(nb, u.shape[1], lk, dtype=torch.float32), u.new_empty(nb, u.shape[1], dtype=torch.float32)
+        return u.new_empty(u.shape[1], lk, dtype=torch.float32), u.new_empty(u.shape[1], dtype=torch.float32)
 
     define_op('mfft_conv(Tensor u, Tensor kr, Tensor ki, Tensor d, str prec, int rows, int warps) -> Tensor',
               _mfft_conv_impl, lambda u, kr, ki, d, prec, rows, warps: torch.empty_like(u))
@@ -473,8 +474,8 @@ def monarch_backward(saved, cfg, needs, grad_y):
         grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
     if needs[1] or (d_dtype is not None and needs[2]):
         gk, gd = torch.ops.hyena.mfft_corr(u, g, N1, N2, Lk, prec, rows, warps)
-        grad_k = gk.sum(0).to(k_dtype)
-        grad_D = gd.sum(0).to(d_dtype) if d_dtype is not None else None
+        grad_k = gk.to(k_dtype)
+        grad_D = gd.to(d_dtype) if d_dtype is not None else None
     return grad_u, grad_k, grad_D
 
 
