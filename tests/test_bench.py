@@ -288,6 +288,14 @@ TRITON_SCRIPT = textwrap.dedent('''
     op.zero_grad(); x.grad = None
     op(x).square().sum().backward()
     assert max(rel(a, b) for a, b in zip([x.grad] + [p.grad for p in op.parameters()], out)) < 1e-5
+    def outputs_and_grads(fn, op, x, g, bf16=False):
+        """fn(x) (fn: op, or op compiled) and the gradients of <fn(x), g> for x and op's parameters."""
+        op.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            y = fn(xx)
+        y.float().backward(g)
+        return [y, xx.grad] + [p.grad.clone() for p in op.parameters()]
     # the fused gates (SHORT_CONV 'fused', hyena.GatedConv) against the torch path: partial tiles in time and
     # channels, K = 1 and 4, bf16 activations under autocast (the gates' outputs then round to bf16, hence 2e-2),
     # the cuFFT path's functions and both Triton paths (T = 300 takes the four-step one at TRITON_MAX_N = 256)
@@ -298,31 +306,20 @@ TRITON_SCRIPT = textwrap.dedent('''
         hyena.FFTCONV_IMPL = impl
         op = HyenaOperator(D, l_max=T, short_filter_order=K)
         x, g = torch.randn(B, T, D), torch.randn(B, T, D)
-        def run(short):
-            hyena.SHORT_CONV = short
-            op.zero_grad()
-            xx = x.clone().requires_grad_()
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-                y = op(xx)
-            y.float().backward(g)
-            return [y, xx.grad] + [p.grad.clone() for p in op.parameters()]
-        errors = [rel(a, b) for a, b in zip(run('fused'), run('conv1d'))]
+        hyena.SHORT_CONV = 'fused'
+        fused = outputs_and_grads(op, op, x, g, bf16)
+        hyena.SHORT_CONV = 'conv1d'
+        errors = [rel(a, b) for a, b in zip(fused, outputs_and_grads(op, op, x, g, bf16))]
         assert max(errors) < (2e-2 if bf16 else 1e-5), (B, T, D, K, impl, errors)
     # hyena.GatedConv compiled whole (forward and backward through AOT autograd) gives eager's values and gradients
     hyena.SHORT_CONV = 'fused'
     for impl, T in (('fast', 40), ('triton', 40), ('triton', 300)):
         hyena.FFTCONV_IMPL = impl
         op = HyenaOperator(16, l_max=T)
-        x = torch.randn(2, T, 16)
-        def run(fn):
-            op.zero_grad()
-            xx = x.clone().requires_grad_()
-            y = fn(xx)
-            y.square().sum().backward()
-            return [y, xx.grad] + [p.grad.clone() for p in op.parameters()]
-        eager = run(op)
+        x, g = torch.randn(2, T, 16), torch.randn(2, T, 16)
+        eager = outputs_and_grads(op, op, x, g)
         torch._dynamo.reset()
-        compiled = run(torch.compile(op, backend='aot_eager', fullgraph=True))
+        compiled = outputs_and_grads(torch.compile(op, backend='aot_eager', fullgraph=True), op, x, g)
         assert all(torch.equal(a, b) for a, b in zip(compiled, eager)), (impl, T)
     fftconv_triton.TRITON_MAX_N = 4096
     print('TRITON_OK', worst)

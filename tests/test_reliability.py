@@ -20,6 +20,8 @@ import training as T
 from conftest import (REFERENCE, REPO, TINY_VOCAB, assert_one_line_error, losses, patched_command, popen_patched,
                       read_log, run_patched, run_script, train_args, _env)
 
+TORCHRUN_2 = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']  # 2 CPU ranks
+
 SLOW_BATCHES = """
 import time, training
 _get_batch = training.TokenData.get_batch
@@ -106,8 +108,7 @@ def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_iteration_with_one
                 '--gradient_accumulation_steps=2', '--align_iters=0', '--kd_iters=40', '--scratch_iters=0',
                 '--eval_interval=100', '--eval_iters=2']
     cmd = patched_command(tmp_path, SIGTERM_RANK_1_AT_ITER_20, script, *args)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           *cmd[1:]], capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
+    proc = subprocess.run(TORCHRUN_2 + cmd[1:], capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
     # the workers exit with 143, which torchrun reports as a failure (with a traceback of its own); none of them
     # raised. Only rank 0 writes checkpoints: its stop at the signal's iteration is the agreement
     assert proc.returncode != 0 and 'exitcode  : 143' in proc.stderr, proc.stderr
@@ -314,8 +315,7 @@ def test_device_names_are_validated():
 
 def test_ddp_ranks_resume_from_the_same_checkpoint_and_only_rank_0_writes(tiny_data, reference_run, tmp_path):
     shutil.copy(os.path.join(reference_run, 'ckpt.pt'), tmp_path)  # a single-process run's checkpoint, iter 40
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(REPO, 'train_teacher.py'), '--init_from=resume',
+    cmd = [*TORCHRUN_2, os.path.join(REPO, 'train_teacher.py'), '--init_from=resume',
            *train_args(tiny_data, tmp_path, **dict(REFERENCE, max_iters=46, lr_decay_iters=46, eval_interval=3))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
     assert proc.returncode == 0, proc.stderr
