@@ -230,6 +230,29 @@ def save(stage_name, it, optimizer, key):
     T.barrier(dist)
 
 
+def log_steps(steps, stage_name, bar):
+    """The finished steps' numbers (T.GuardedStep.results): logged; a non-finite one stops the run, or is noted and
+    skipped with skip_nonfinite. Returns the last step's loss (None when there was none)."""
+    lossf = None
+    for info, lossf, nonfinite in steps:
+        if nonfinite:
+            where = f"in stage {stage_name} at iteration {info['iter'] - 1}"  # 'iter' counts it done, as the log does
+            if not skip_nonfinite:
+                bar.close()
+                kept = f"the last good checkpoint {ckpt_path} ({last_saved}) is kept" if last_saved else "no checkpoint yet"
+                T.fail(f"non-finite loss {where}: stopping; {kept}. Lower the learning rate, or pass "
+                       f"--skip_nonfinite=True to skip such steps")
+            bar.write(f"non-finite loss {where}: step skipped (skip_nonfinite=True)")
+        bar.update(lossf, info['lr'], info['rate'], info['mfu'])
+        record = dict(run='scratch' if stage_name == 'scratch' else 'distilled', stage=stage_name, iter=info['iter'],
+                      loss=lossf, lr=info['lr'], tokens_per_sec=round(info['rate']))
+        if info['layer_err']:
+            record['layer_rel_err'] = {str(j): round(e, 5) for j, e in info['layer_err'].items()}
+        logger.log(**record)
+        throughput[stage_name] = round(info['rate'])
+    return lossf
+
+
 @torch.no_grad()
 def evaluate(model):
     return T.estimate_loss(model, data, eval_iters, prec.ctx, dist, splits=('val',))['val']
@@ -425,11 +448,13 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
     T.clear_grads(optimizer, graphs)
     params = [p for p in raw.parameters() if p.requires_grad]
     bar = T.Progress(phase_end, initial=it, enabled=master, desc=key)
+    guard = T.GuardedStep(optimizer, prec.scaler, dist, stop)
     X, Y = data.get_batch('train', (batch_offset[stage_name] + it) * accum)
     t0, rate = time.time(), None
 
     while it < phase_end:
         if stop.requested(dist):
+            log_steps(guard.results(wait=True), stage_name, bar)  # the last step's numbers first
             if last_saved != (stage_name, it):
                 save(stage_name, it, optimizer, key)
             bar.close()
@@ -471,46 +496,32 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         if grad_clip != 0.0:
             prec.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        # the loss is read at the step's sync, not after the optimizer step: the host then logs and launches
-        # the next iteration while the GPU runs the optimizer
-        nonfinite = T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist, stop)
-        lossf = loss_sum.item()
-        if nonfinite:
-            if not skip_nonfinite:
-                bar.close()
-                kept = f"the last good checkpoint {ckpt_path} ({last_saved}) is kept" if last_saved else "no checkpoint yet"
-                T.fail(f"non-finite loss in stage {stage_name} at iteration {it}: stopping; {kept}. Lower the "
-                       f"learning rate, or pass --skip_nonfinite=True to skip such steps")
-            bar.write(f"{key} iteration {it}: non-finite loss; step skipped (skip_nonfinite=True)")
-        else:
-            prec.scaler.step(optimizer)
-            prec.scaler.update()
-        T.clear_grads(optimizer, graphs)
 
         it += 1
-        t1 = time.time()
+        t1 = time.time()  # timing: from one step's launch to the next, the GPU's pace in a steady run
         dt, t0 = t1 - t0, t1
         rate = tokens_per_iter / dt if rate is None else 0.9 * rate + 0.1 * tokens_per_iter / dt
         mfu = None
         if stage_name != 'align' and peak:  # student forward + backward, plus the teacher's forward in kd
             flops = raw.flops_per_token(block_size) + (teacher_model.flops_per_token(block_size) / 3 if alpha else 0)
             mfu = flops * batch_size * accum * block_size / dt / peak
-        bar.update(lossf, lr, rate, mfu)
-        record = dict(run='scratch' if stage_name == 'scratch' else 'distilled', stage=stage_name, iter=it,
-                      loss=lossf, lr=lr, tokens_per_sec=round(rate))
-        if layer_err:
-            record['layer_rel_err'] = {str(j): round(e, 5) for j, e in layer_err.items()}
-        logger.log(**record)
-        throughput[stage_name] = round(rate)
+        # the step, unless the loss or gradient is NaN/inf; its numbers arrive a step later where the GPU gates it
+        guard.step(loss_sum, None if prec.scaler.is_enabled() else grad_norm, iter=it, lr=lr, rate=rate, mfu=mfu,
+                   layer_err=layer_err)
+        T.clear_grads(optimizer, graphs)
+        evaluating = it % eval_interval == 0 or it == phase_end
+        lossf = log_steps(guard.results(wait=evaluating), stage_name, bar)
 
-        if it % eval_interval == 0 or it == phase_end:
+        if evaluating:
             val = evaluate(raw)
             tokens = (batch_offset[stage_name] + it) * tokens_per_iter
-            history.append(dict(run=record['run'], stage=stage_name, tokens=tokens, val_loss=val))
+            history.append(dict(run='scratch' if stage_name == 'scratch' else 'distilled', stage=stage_name,
+                                tokens=tokens, val_loss=val))
             errs = ''.join(f", layer {j} rel. err {e:.4f}" for j, e in layer_err.items())
             bar.write(f"{key} it {it}: loss {lossf:.4f}{errs}; val loss {val:.4f} (ppl {math.exp(val):.2f}), "
                       f"teacher {teacher_val:.4f} (ppl {math.exp(teacher_val):.2f})")
-            logger.log(run=record['run'], stage=stage_name, iter=it, tokens=tokens, val_loss=val, teacher_val_loss=teacher_val)
+            logger.log(run=history[-1]['run'], stage=stage_name, iter=it, tokens=tokens, val_loss=val,
+                       teacher_val_loss=teacher_val)
             save(stage_name, it, optimizer, key)
             t0 = time.time()
     bar.close()

@@ -172,8 +172,30 @@ def save(reason):
     T.barrier(dist)
 
 
+def log_steps(steps):
+    """The finished steps' numbers (T.GuardedStep.results): logged; a non-finite one stops the run, or is noted and
+    skipped with skip_nonfinite."""
+    for info, lossf, nonfinite in steps:
+        it = info['iter']
+        if nonfinite:
+            what = f"non-finite loss ({lossf})" if not math.isfinite(lossf) else "non-finite gradient"
+            if not skip_nonfinite:
+                kept = (f"the last good checkpoint {ckpt_path} (iter {last_saved}) is kept" if last_saved is not None
+                        else "no checkpoint was written yet")
+                bar.close()
+                T.fail(f"{what} at iter {it}: stopping; {kept}. Lower learning_rate, or pass "
+                       f"--skip_nonfinite=True to skip such steps")
+            bar.write(f"iter {it}: {what}; skipping this step (skip_nonfinite=True)")
+            logger.log(iter=it, skipped=True, lr=info['lr'])
+        bar.update(lossf, info['lr'], info['tok_rate'], info['mfu'])
+        if it % log_interval == 0:
+            logger.log(iter=it, loss=lossf, lr=info['lr'], dt_ms=round(1000 * info['dt'], 2),
+                       tokens_per_sec=round(info['tok_rate']), mfu=info['mfu'], tokens=info['tokens'])
+
+
 # ---- training loop
 stop = T.StopFlag()
+guard = T.GuardedStep(optimizer, prec.scaler, dist, stop)
 bar = T.Progress(max_iters, initial=iter_num, enabled=master, show_bar=not eval_only)
 X, Y = data.get_batch('train', iter_num * accum)
 t0, local_iter, running_mfu, tok_rate = time.time(), 0, None, None
@@ -195,6 +217,7 @@ while True:
     if iter_num >= max_iters:
         break
     if stop.requested(dist):
+        log_steps(guard.results(wait=True))  # the last step's numbers, before the checkpoint
         if last_saved != iter_num:
             save(f"{stop.name}")
         bar.close()
@@ -221,29 +244,8 @@ while True:
     if grad_clip != 0.0:
         prec.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    # fp16's GradScaler skips steps with inf gradients by itself; otherwise a bad gradient is ours to catch. The
-    # loss is read at this sync, not after the optimizer step: the host then logs and launches the next iteration
-    # while the GPU runs the optimizer
-    nonfinite = T.any_nonfinite(loss_sum, None if prec.scaler.is_enabled() else grad_norm, dist, stop)
-    lossf = loss_sum.item()
-    if nonfinite:
-        what = f"non-finite loss ({lossf})" if not math.isfinite(lossf) else "non-finite gradient"
-        if not skip_nonfinite:
-            kept = (f"the last good checkpoint {ckpt_path} (iter {last_saved}) is kept" if last_saved is not None
-                    else "no checkpoint was written yet")
-            bar.close()
-            T.fail(f"{what} at iter {iter_num}: stopping; {kept}. Lower learning_rate, or pass "
-                   f"--skip_nonfinite=True to skip such steps")
-        bar.write(f"iter {iter_num}: {what}; skipping this step (skip_nonfinite=True)")
-        logger.log(iter=iter_num, skipped=True, lr=lr)
-        if prec.scaler.is_enabled():  # float16: back off the loss scale, and reset the scaler for the next step
-            prec.scaler.update(prec.scaler.get_scale() * prec.scaler.get_backoff_factor())
-    else:
-        prec.scaler.step(optimizer)
-        prec.scaler.update()
-    T.clear_grads(optimizer, graphs)
 
-    # timing and logging
+    # timing: from one step's launch to the next, the GPU's pace in a steady run
     t1 = time.time()
     dt, t0 = t1 - t0, t1
     tokens_seen += tokens_per_iter
@@ -252,12 +254,14 @@ while True:
         mfu = raw_model.estimate_mfu(batch_size * accum, dt)
         if mfu is not None:
             running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
-    bar.update(lossf, lr, tok_rate, running_mfu)
-    if iter_num % log_interval == 0:
-        logger.log(iter=iter_num, loss=lossf, lr=lr, dt_ms=round(1000 * dt, 2), tokens_per_sec=round(tok_rate),
-                   mfu=running_mfu, tokens=tokens_seen)
+    # the step, unless the loss or gradient is NaN/inf (under fp16 its GradScaler skips inf gradients by itself);
+    # its numbers arrive a step later where the GPU gates it
+    guard.step(loss_sum, None if prec.scaler.is_enabled() else grad_norm, iter=iter_num, lr=lr, dt=dt,
+               tok_rate=tok_rate, mfu=running_mfu, tokens=tokens_seen)
+    T.clear_grads(optimizer, graphs)
     iter_num += 1
     local_iter += 1
+    log_steps(guard.results(wait=iter_num % eval_interval == 0 or iter_num >= max_iters))
 
 bar.close()
 stop.restore()

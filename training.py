@@ -12,7 +12,7 @@ helpers with its known bugs avoided (DESIGN.md §6). A training script reads top
         set_lr(optimizer, get_lr(iter_num, ...))
         seed_step(seed, dist.rank, iter_num)                # dropout RNG: a function of the iteration
         X, Y = data.get_batch('train', iter_num * accum + micro_step)
-        ... if any_nonfinite(loss, grad_norm): stop (or skip the step) ...
+        guard.step(loss, grad_norm)                         # optimizer step unless NaN/inf on any rank
         save_checkpoint(ckpt, path)                         # atomic: tmp file + fsync + os.replace
 
 Decisions, in one place:
@@ -443,22 +443,73 @@ def estimate_loss(model, data, eval_iters, ctx=nullcontext(), dist=None, splits=
     return out
 
 
-def any_nonfinite(loss, grad_norm=None, dist=None, stop=None):
-    """True when the loss (or the gradient norm, when given) is NaN or inf on any rank. One host sync; under DDP
-    its all-reduce also carries stop's signal (a StopFlag), so that stop.requested() needs no collective, and so no
-    sync, of its own: a training step then has one host sync, and the next one's launches overlap the optimizer."""
-    bad = ~torch.isfinite(loss.detach().float())
-    if grad_norm is not None:
-        bad = bad | ~torch.isfinite(grad_norm.detach().float())
-    if dist is None or not dist.ddp:
-        return bool(bad.item())
-    signum = 0 if stop is None or stop.signum is None else stop.signum
-    flags = torch.stack([bad.float().reshape(()), torch.full((), float(signum), device=bad.device)])
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    any_bad, signum = flags.tolist()
-    if stop is not None:
-        stop.agree(int(signum))
-    return bool(any_bad)
+class GuardedStep:
+    """The end of a training step: the optimizer step, skipped when the loss (or the gradient norm, when given) is
+    NaN or inf on any rank, and each step's loss and verdict for the host. Under DDP the verdict's all-reduce also
+    carries stop's signal (a StopFlag), so that stop.requested() needs no collective, and no sync, of its own.
+
+        guard = GuardedStep(optimizer, scaler, dist, stop)
+        guard.step(loss_sum, grad_norm, iter=it, lr=lr)        # the gated optimizer step, launched
+        for info, loss, nonfinite in guard.results(wait):      # the steps whose numbers have arrived, in order
+            ...                                                # info: step()'s keywords; wait=True: every step
+
+    With a fused optimizer (AdamW on CUDA) and no GradScaler the step is gated on the device (the optimizer's
+    found_inf, the mechanism GradScaler uses: a skipped step leaves weights, moments and step count as they were)
+    and the host reads the verdict one step late, from a copy that it did not wait for: the host never waits for
+    the GPU to finish a step before it launches the next, so the GPU does not idle while the host launches the
+    optimizer, logs and starts the next forward (BENCHMARKS.md, "Tenth session"). Otherwise (CPU, float16) the host
+    reads the verdict at once, one sync, and skips the step itself; float16's GradScaler then backs off its scale.
+    A loop calls results(wait=True) before it evaluates, saves or ends, so that every step is reported first."""
+
+    def __init__(self, optimizer, scaler, dist=None, stop=None):
+        self.optimizer, self.scaler, self.dist, self.stop = optimizer, scaler, dist, stop
+        self.on_device = bool(optimizer.defaults.get('fused')) and not scaler.is_enabled()
+        self.pending = []  # (info, [nonfinite, signal, loss] on the host or on its way there, CUDA event or None)
+
+    def step(self, loss, grad_norm=None, **info):
+        """Launch the optimizer step for this loss (and gradient norm); info comes back with its results."""
+        bad = ~torch.isfinite(loss.detach().float())
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm.detach().float())
+        signum = 0 if self.stop is None or self.stop.signum is None else self.stop.signum
+        flags = torch.stack([bad.float().reshape(()), torch.full((), float(signum), device=bad.device)])
+        if self.dist is not None and self.dist.ddp:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        numbers = torch.cat([flags, loss.detach().float().reshape(1)])
+        if self.on_device:
+            self.optimizer.found_inf = flags[0]
+            self.optimizer.step()
+            del self.optimizer.found_inf
+            event = None
+            if numbers.is_cuda:  # a copy into pinned memory, queued behind this step; results() waits for it
+                numbers, event = numbers.to('cpu', non_blocking=True), torch.cuda.Event()
+                event.record()
+            self.pending.append((info, numbers, event))
+            return
+        numbers = numbers.tolist()  # the one sync
+        if numbers[0]:
+            if self.scaler.is_enabled():  # float16: back off the loss scale, and reset the scaler for the next step
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.pending.append((info, numbers, None))
+
+    def results(self, wait=False):
+        """[(info, loss, nonfinite)] of the steps not yet returned whose numbers are on the host, oldest first:
+        with the device-gated step all but the last one launched (whose copy the host would wait for), with
+        wait=True all. Reading one also gives its all-reduced signal to the StopFlag."""
+        ready = self.pending if wait or not self.on_device else self.pending[:-1]
+        self.pending = self.pending[len(ready):]
+        out = []
+        for info, numbers, event in ready:
+            if event is not None:
+                event.synchronize()
+            nonfinite, signum, loss = numbers if isinstance(numbers, list) else numbers.tolist()
+            if self.stop is not None and self.dist is not None and self.dist.ddp:
+                self.stop.agree(int(signum))
+            out.append((info, loss, bool(nonfinite)))
+        return out
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------
@@ -552,9 +603,10 @@ class StopFlag:
     exit_code = 128 + signal number); a second SIGINT (Ctrl-C again) aborts at once with
     KeyboardInterrupt. Further SIGTERMs are ignored: torchrun sends one to every worker after a Ctrl-C,
     and that must not abort the checkpoint being written.
-    requested(dist) is True once any rank got a signal: under DDP, once the ranks agreed on it (the step's
-    any_nonfinite all-reduces the signal with its own flag), so all ranks stop at the same iteration, one
-    step after the signal at most. Install it in the main thread; restore() puts the previous handlers back."""
+    requested(dist) is True once any rank got a signal: under DDP, once the ranks agreed on it (GuardedStep
+    all-reduces the signal with its verdict), so all ranks stop at the same iteration, two steps after the
+    signal at most (one where the host reads the verdict at once). Install it in the main thread; restore()
+    puts the previous handlers back."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signum = None
@@ -579,8 +631,9 @@ class StopFlag:
 
     def requested(self, dist=None):
         """Whether to stop now (the same answer on every rank). Under DDP the agreement made since the last call
-        (by the step's any_nonfinite), else one made here with a collective of its own (the first call, or a loop
-        that does not pass its StopFlag to any_nonfinite): every rank calls both in the same order."""
+        (by GuardedStep.results), else one made here with a collective of its own (the first call, after a
+        results() that returned nothing new, or in a loop without a GuardedStep): every rank calls both in the same
+        order."""
         if dist is None or not dist.ddp:
             return self.signum is not None
         if self.agreed is None:

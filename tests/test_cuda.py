@@ -186,3 +186,29 @@ def test_cuda_graph_training_accumulates_the_same_gradients_as_eager(impl, short
         got = accumulated(compiled, True)
         errors = {name: rel_err(got[name], expected[name]) for name in expected}
         assert max(errors.values()) < 1e-4, (run, sorted(errors.items(), key=lambda e: -e[1])[:4])
+
+
+def test_guarded_step_with_fused_adamw_launches_without_a_host_sync_and_skips_nonfinite_steps():
+    # the training loops' step on CUDA: gated on the device, its numbers read one step late (training.GuardedStep)
+    import training as T
+    p = torch.nn.Parameter(torch.ones(4096, device='cuda'))
+    optimizer = torch.optim.AdamW([p], lr=0.1, fused=True)
+    guard = T.GuardedStep(optimizer, torch.amp.GradScaler('cuda', enabled=False))
+    assert guard.on_device
+    reported, moved = [], []
+    for i, loss in enumerate([1.0, float('nan'), 2.0]):
+        before = p.detach().clone()
+        p.grad = torch.ones_like(p)
+        loss, norm = torch.tensor(loss, device='cuda'), p.grad.norm()
+        torch.cuda.set_sync_debug_mode('error')  # any implicit host sync in the step raises
+        try:
+            guard.step(loss, norm, iter=i)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        reported.append(guard.results())
+        moved.append(not torch.equal(p, before))
+    reported.append(guard.results(wait=True))
+    assert moved == [True, False, True]
+    assert [[(info['iter'], nonfinite) for info, _, nonfinite in steps] for steps in reported] == \
+        [[], [(0, False)], [(1, True)], [(2, False)]]
+    assert reported[1][0][1] == 1.0 and reported[3][0][1] == 2.0

@@ -3,6 +3,7 @@
 Faults are injected into real subprocess runs by a wrapper that monkeypatches before running the script
 (conftest.run_patched): the scripts carry no test hooks."""
 import gc
+import math
 import os
 import shutil
 import signal
@@ -44,6 +45,15 @@ def forward(self, idx, targets=None, **kwargs):
     return logits, loss
 model.GPT.forward = forward
 """
+
+FUSED_ADAMW = """
+import torch
+_AdamW = torch.optim.AdamW
+def AdamW(params, **kwargs):  # fused as on CUDA (it runs on the CPU too): the step is gated on the device
+    return _AdamW(params, **dict(kwargs, fused=True))
+torch.optim.AdamW = AdamW
+"""
+OPTIMIZER_PATCHES = {'foreach': '', 'fused': FUSED_ADAMW}  # the host skips the step / the device does
 
 CRASH_DURING_SECOND_SAVE = """
 import io, os, torch
@@ -119,6 +129,14 @@ def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_iteration_with_one
     assert max(r['iter'] for r in read_log(tmp_path) if 'loss' in r) == stopped_at - (script == 'train_teacher.py')
     assert 'by SIGTERM' in proc.stdout and f'{stopped_at}; resume with --init_from=resume' in proc.stdout
 
+def one_parameter_adamw(fused):
+    p = torch.nn.Parameter(torch.ones(3))
+    return p, torch.optim.AdamW([p], lr=0.1, fused=fused)
+
+
+NO_SCALER = torch.amp.GradScaler('cuda', enabled=False)  # what setup_precision gives for bf16, fp32 and the CPU
+
+
 def test_under_ddp_a_step_has_one_collective_which_also_agrees_on_stop_signals(monkeypatch, tmp_path):
     # the step's non-finite check carries the stop flag, so stop.requested() makes no collective (no host sync)
     # of its own but the first; a signal one rank got is every rank's after the next check
@@ -131,17 +149,42 @@ def test_under_ddp_a_step_has_one_collective_which_also_agrees_on_stop_signals(m
     stop = T.StopFlag(signals=())
     try:
         dist = T.DistInfo(True, 0, 0, 1, 'cpu', True, 0)
+        p, optimizer = one_parameter_adamw(fused=False)
+        guard = T.GuardedStep(optimizer, NO_SCALER, dist, stop)
         assert stop.requested(dist) is False
         for _ in range(3):
-            assert T.any_nonfinite(torch.tensor(1.0), None, dist, stop) is False
+            p.grad = torch.ones(3)
+            guard.step(torch.tensor(1.0))
+            assert [nonfinite for _, _, nonfinite in guard.results()] == [False]
             assert stop.requested(dist) is False
         stop.signum = signal.SIGTERM  # what the handler does
-        assert T.any_nonfinite(torch.tensor(1.0), None, dist, stop) is False
+        guard.step(torch.tensor(1.0))
+        guard.results()
         assert stop.requested(dist) is True
         assert len(reduced) == 1 + 4
     finally:
         time.sleep(0.1)  # gloo's workers drop their last work before the group goes (as in the bucket-view test)
         torch.distributed.destroy_process_group()
+
+
+def test_a_fused_optimizer_skips_nonfinite_steps_on_the_device_and_the_host_reads_them_a_step_late():
+    p, optimizer = one_parameter_adamw(fused=True)  # fused AdamW also runs on the CPU
+    guard = T.GuardedStep(optimizer, NO_SCALER)
+    losses_and_norms = [(1.0, 1.0), (float('nan'), 1.0), (2.0, float('inf')), (3.0, 1.0)]
+    moved, reported = [], []
+    for i, (loss, norm) in enumerate(losses_and_norms):
+        before = p.detach().clone()
+        p.grad = torch.ones(3)
+        guard.step(torch.tensor(loss), torch.tensor(norm), iter=i)
+        moved.append(not torch.equal(p, before))
+        reported.append(guard.results())
+    reported.append(guard.results(wait=True))
+    assert moved == [True, False, False, True]
+    assert optimizer.state[p]['step'] == 2  # the skipped steps did not count
+    assert [[(info['iter'], nonfinite) for info, _, nonfinite in steps] for steps in reported] == \
+        [[], [(0, False)], [(1, True)], [(2, True)], [(3, False)]]
+    assert reported[1][0][1] == 1.0 and math.isnan(reported[2][0][1])
+
 
 # ---- 2. atomic checkpoints ----------------------------------------------------------------------------------
 
@@ -191,21 +234,34 @@ def test_missing_corrupt_or_foreign_checkpoint_files_are_one_line_errors(tmp_pat
 
 # ---- 3. non-finite losses -----------------------------------------------------------------------------------
 
-def test_nonfinite_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
-    proc = run_patched(tmp_path, NAN_AT_ITER_15, 'train_teacher.py',
+@pytest.mark.parametrize('optimizer', OPTIMIZER_PATCHES)
+def test_nonfinite_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(optimizer, tiny_data, tmp_path):
+    proc = run_patched(tmp_path, NAN_AT_ITER_15 + OPTIMIZER_PATCHES[optimizer], 'train_teacher.py',
                        *train_args(tiny_data, tmp_path, max_iters=30, eval_interval=10))
     assert_one_line_error(proc, 'non-finite loss (nan) at iter 15', 'last good checkpoint', '(iter 10) is kept')
     assert T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num'] == 10
 
 
-def test_skip_nonfinite_skips_the_step_and_continues(tiny_data, tmp_path):
-    proc = run_patched(tmp_path, NAN_AT_ITER_15, 'train_teacher.py',
+@pytest.mark.parametrize('optimizer', OPTIMIZER_PATCHES)
+def test_skip_nonfinite_skips_the_step_and_continues(optimizer, tiny_data, tmp_path):
+    proc = run_patched(tmp_path, NAN_AT_ITER_15 + OPTIMIZER_PATCHES[optimizer], 'train_teacher.py',
                        *train_args(tiny_data, tmp_path, max_iters=30, eval_interval=10), '--skip_nonfinite=True')
     assert proc.returncode == 0, proc.stderr
     log = read_log(tmp_path)
     assert [r['iter'] for r in log if r.get('skipped')] == [15]
     assert np.isfinite(log[-1]['val_loss'])
     assert T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num'] == 30
+
+
+def test_distill_stops_at_a_nonfinite_loss_the_device_skipped(tiny_data, reference_run, tmp_path):
+    proc = run_patched(tmp_path, NAN_AT_ITER_15 + FUSED_ADAMW, 'distill.py', f'--data_dir={tiny_data}',
+                       f"--teacher={os.path.join(reference_run, 'ckpt.pt')}", f'--out_dir={tmp_path}', '--device=cpu',
+                       '--compile=False', '--batch_size=4', '--align_iters=0', '--kd_iters=30', '--scratch_iters=0',
+                       '--eval_interval=10', '--eval_iters=1')
+    assert_one_line_error(proc, 'non-finite loss in stage kd at iteration 15', 'last good checkpoint', "('kd', 10)")
+    ckpt = T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))
+    assert ckpt['stage_iter'] == 10
+    assert max(r['iter'] for r in read_log(tmp_path) if 'loss' in r) == 15  # every step before it was logged
 
 
 # ---- 4. input validation: one line, no traceback ------------------------------------------------------------
