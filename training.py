@@ -482,8 +482,9 @@ class GuardedStep:
             del self.optimizer.found_inf
             event = None
             if numbers.is_cuda:  # a copy into pinned memory, queued behind this step; results() waits for it
+                stream = torch.cuda.current_stream(numbers.device)  # the tensors' GPU, which may not be the current one
                 numbers, event = numbers.to('cpu', non_blocking=True), torch.cuda.Event()
-                event.record()
+                event.record(stream)
             self.pending.append((info, numbers, event))
             return
         numbers = numbers.tolist()  # the one sync

@@ -189,26 +189,29 @@ def test_cuda_graph_training_accumulates_the_same_gradients_as_eager(impl, short
 
 
 def test_guarded_step_with_fused_adamw_launches_without_a_host_sync_and_skips_nonfinite_steps():
-    # the training loops' step on CUDA: gated on the device, its numbers read one step late (training.GuardedStep)
+    # the training loops' step on CUDA: gated on the device, its numbers read one step late (training.GuardedStep);
+    # on the machine's last GPU, which need not be the current one (python distill.py --device=cuda:1)
     import training as T
-    p = torch.nn.Parameter(torch.ones(4096, device='cuda'))
+    device = torch.device('cuda', torch.cuda.device_count() - 1)
+    p = torch.nn.Parameter(torch.ones(4096, device=device))
     optimizer = torch.optim.AdamW([p], lr=0.1, fused=True)
     guard = T.GuardedStep(optimizer, torch.amp.GradScaler('cuda', enabled=False))
     assert guard.on_device
-    reported, moved = [], []
-    for i, loss in enumerate([1.0, float('nan'), 2.0]):
-        before = p.detach().clone()
+    losses = torch.tensor([1.0, float('nan'), 2.0], device=device)  # made here: a host-to-device copy would sync
+    reported, snapshots = [], [p.detach().clone()]
+    for i in range(3):
         p.grad = torch.ones_like(p)
-        loss, norm = torch.tensor(loss, device='cuda'), p.grad.norm()
+        with torch.cuda.device(device):
+            torch.cuda._sleep(50_000_000)  # a busy GPU: each step's numbers arrive well after the host queued it
         torch.cuda.set_sync_debug_mode('error')  # any implicit host sync in the step raises
         try:
-            guard.step(loss, norm, iter=i)
+            guard.step(losses[i], p.grad.norm(), iter=i)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         reported.append(guard.results())
-        moved.append(not torch.equal(p, before))
+        snapshots.append(p.detach().clone())
     reported.append(guard.results(wait=True))
-    assert moved == [True, False, True]
+    assert [not torch.equal(a, b) for a, b in zip(snapshots, snapshots[1:])] == [True, False, True]
     assert [[(info['iter'], nonfinite) for info, _, nonfinite in steps] for steps in reported] == \
         [[], [(0, False)], [(1, True)], [(2, False)]]
     assert reported[1][0][1] == 1.0 and reported[3][0][1] == 2.0
