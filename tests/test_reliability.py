@@ -132,6 +132,7 @@ def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_iteration_with_one
     assert max(r['iter'] for r in read_log(tmp_path) if 'loss' in r) == stopped_at - (script == 'train_teacher.py')
     assert 'by SIGTERM' in proc.stdout and f'{stopped_at}; resume with --init_from=resume' in proc.stdout
 
+
 def one_parameter_adamw(fused):
     p = torch.nn.Parameter(torch.ones(3))
     return p, torch.optim.AdamW([p], lr=0.1, fused=fused)
