@@ -230,7 +230,7 @@ def save(stage_name, it, optimizer, key):
     T.barrier(dist)
 
 
-def log_steps(steps, stage_name, bar):
+def log_steps(steps, stage_name, run_name, bar):
     """The finished steps' numbers (T.GuardedStep.results): logged; a non-finite one stops the run, or is noted and
     skipped with skip_nonfinite. Returns the last step's loss (None when there was none)."""
     lossf = None
@@ -244,8 +244,8 @@ def log_steps(steps, stage_name, bar):
                        f"--skip_nonfinite=True to skip such steps")
             bar.write(f"non-finite loss {where}: step skipped (skip_nonfinite=True)")
         bar.update(lossf, info['lr'], info['rate'], info['mfu'])
-        record = dict(run='scratch' if stage_name == 'scratch' else 'distilled', stage=stage_name, iter=info['iter'],
-                      loss=lossf, lr=info['lr'], tokens_per_sec=round(info['rate']))
+        record = dict(run=run_name, stage=stage_name, iter=info['iter'], loss=lossf, lr=info['lr'],
+                      tokens_per_sec=round(info['rate']))
         if info['layer_err']:
             record['layer_rel_err'] = {str(j): round(e, 5) for j, e in info['layer_err'].items()}
         logger.log(**record)
@@ -439,6 +439,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         optimizer.load_state_dict(opt_state)
     opt_state = None
     alpha = kd_alpha if stage_name == 'kd' else 0.0
+    run_name = 'scratch' if stage_name == 'scratch' else 'distilled'  # the report's two curves
     if stage_name != 'align':
         run_model, ok = T.wrap_model(raw, dist, compile, data.get_batch('train', 0), prec.ctx, compile_mode)
         if ok and alpha > 0:
@@ -454,7 +455,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
 
     while it < phase_end:
         if stop.requested(dist):
-            log_steps(guard.results(wait=True), stage_name, bar)  # the last step's numbers first
+            log_steps(guard.results(wait=True), stage_name, run_name, bar)  # the last step's numbers first
             if last_saved != (stage_name, it):
                 save(stage_name, it, optimizer, key)
             bar.close()
@@ -510,17 +511,16 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
                    layer_err=layer_err)
         T.clear_grads(optimizer, graphs)
         evaluating = it % eval_interval == 0 or it == phase_end
-        lossf = log_steps(guard.results(wait=evaluating), stage_name, bar)
+        lossf = log_steps(guard.results(wait=evaluating), stage_name, run_name, bar)
 
         if evaluating:
             val = evaluate(raw)
             tokens = (batch_offset[stage_name] + it) * tokens_per_iter
-            history.append(dict(run='scratch' if stage_name == 'scratch' else 'distilled', stage=stage_name,
-                                tokens=tokens, val_loss=val))
+            history.append(dict(run=run_name, stage=stage_name, tokens=tokens, val_loss=val))
             errs = ''.join(f", layer {j} rel. err {e:.4f}" for j, e in layer_err.items())
             bar.write(f"{key} it {it}: loss {lossf:.4f}{errs}; val loss {val:.4f} (ppl {math.exp(val):.2f}), "
                       f"teacher {teacher_val:.4f} (ppl {math.exp(teacher_val):.2f})")
-            logger.log(run=history[-1]['run'], stage=stage_name, iter=it, tokens=tokens, val_loss=val,
+            logger.log(run=run_name, stage=stage_name, iter=it, tokens=tokens, val_loss=val,
                        teacher_val_loss=teacher_val)
             save(stage_name, it, optimizer, key)
             t0 = time.time()
