@@ -464,7 +464,7 @@ class GuardedStep:
     def __init__(self, optimizer, scaler, dist=None, stop=None):
         self.optimizer, self.scaler, self.dist, self.stop = optimizer, scaler, dist, stop
         self.on_device = bool(optimizer.defaults.get('fused')) and not scaler.is_enabled()
-        self.pending = []  # (info, [nonfinite, signal, loss] on the host or on its way there, CUDA event or None)
+        self.pending = []  # (info, (nonfinite, signal, loss) on the host or on its way there, CUDA event or None)
 
     def step(self, loss, grad_norm=None, **info):
         """Launch the optimizer step for this loss (and gradient norm); info comes back with its results."""
@@ -487,7 +487,7 @@ class GuardedStep:
                 event.record(stream)
             self.pending.append((info, numbers, event))
             return
-        numbers = numbers.tolist()  # the one sync
+        numbers = numbers.cpu()  # the one sync
         if numbers[0]:
             if self.scaler.is_enabled():  # float16: back off the loss scale, and reset the scaler for the next step
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
@@ -506,7 +506,7 @@ class GuardedStep:
         for info, numbers, event in ready:
             if event is not None:
                 event.synchronize()
-            nonfinite, signum, loss = numbers if isinstance(numbers, list) else numbers.tolist()
+            nonfinite, signum, loss = numbers.tolist()
             if self.stop is not None and self.dist is not None and self.dist.ddp:
                 self.stop.agree(int(signum))
             out.append((info, loss, bool(nonfinite)))
