@@ -14,9 +14,9 @@ signal x[n1 * N2 + n2] seen as an (N1, N2) matrix and frequencies k = k1 + N1 * 
 so a row's FFT, the product with the filter's spectrum (precomputed in the same (k1, k2) layout) and the
 inverse FFT are 8 small real matmuls with everything in registers: one read of u, one write of y. N >= 2L, so
 the input is zero in rows n1 >= N1/2 (stage one uses half of F_N1) and only output rows n1 < N1/2 are kept
-(the last stage computes half, real part only). The backward uses the same kernel with conj(K) for grad_u (the
-correlation), and a second kernel for grad_k = sum_b IDFT(conj(U_b) G_b) and grad_D = sum_b,t g u, reduced over
-the batch in registers.
+(the last stage computes half, real part only). The backward is one kernel too: it transforms g = dL/dy once and
+writes grad_u = IDFT(G conj(K)) + D g (the correlation), and sums grad_k = sum_b IDFT(conj(U_b) G_b) and
+grad_D = sum_b,t g u over the batch in registers.
 """
 import concurrent.futures
 import contextlib
@@ -124,16 +124,24 @@ if triton is not None:
             tl.store(y_ptr + base1 + t, (zi * (1.0 / (N1 * N2)) + dc * xi).to(y_ptr.dtype.element_ty), mask=m1)
 
     @triton.jit
-    def _mfft_corr_kernel(u_ptr, g_ptr, gk_ptr, gd_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                          B, C, L, Lk, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
-        """Partial sums over this program's ROWS batch rows, channel c: gk[pb, c] = IDFT(sum conj(U) G)[:Lk]
-        (the filter's gradient) and gd[pb, c] = sum g u (the skip term's). Rows go in pairs: with
-        U = DFT(u_b + i u_b') and G = DFT(g_b + i g_b'), conj(U) G = (conj(U_b) G_b + conj(U_b') G_b') + i X,
-        where X is the spectrum of a real signal too, so Re(IDFT(.)) is the sum of the two correlations."""
+    def _mfft_conv_bwd_kernel(u_ptr, g_ptr, gu_ptr, gk_ptr, gd_ptr, kr_ptr, ki_ptr, d_ptr, f1r_ptr, f1i_ptr, f2r_ptr,
+                              f2i_ptr, tr_ptr, ti_ptr, B, C, L, Lk, ROWS: tl.constexpr, N1: tl.constexpr,
+                              N2: tl.constexpr, PREC: tl.constexpr, GRAD_U: tl.constexpr):
+        """The backward of _mfft_conv_kernel for channel c, given u and g = dL/dy, over this program's ROWS batch
+        rows: partial sums gk[pb, c] = IDFT(sum conj(U) G)[:Lk] (the filter's gradient) and gd[pb, c] = sum g u
+        (the skip term's), and with GRAD_U the input's gradient gu = IDFT(G conj(K))[:L] + d g (the adjoint of a
+        convolution is a correlation), from the same transform of g. Rows go in pairs: with U = DFT(u_b + i u_b')
+        and G = DFT(g_b + i g_b'), conj(U) G = (conj(U_b) G_b + conj(U_b') G_b') + i X, where X is the spectrum of a
+        real signal too, so Re(IDFT(.)) is the sum of the two correlations; and G conj(K) is the spectrum of
+        corr(g_b, k) + i corr(g_b', k), as in the forward."""
         c = tl.program_id(0)
         pb = tl.program_id(1)
         F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti, mat, t = _mfft_load_consts(
             f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2)
+        if GRAD_U:
+            Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
+            Ki = -tl.load(ki_ptr + c * (N1 * N2) + mat)  # conj(K)
+            dc = tl.load(d_ptr + c)
         sr = tl.zeros([N1, N2], dtype=tl.float32)
         si = tl.zeros([N1, N2], dtype=tl.float32)
         dd = tl.zeros([N1 // 2, N2], dtype=tl.float32)
@@ -148,6 +156,11 @@ if triton is not None:
             sr += ur * gr + ui * gi
             si += ur * gi - ui * gr
             dd += ur0 * gr0 + ui0 * gi0
+            if GRAD_U:
+                er, ei = _mfft_inverse_stage2(gr * Kr - gi * Ki, gr * Ki + gi * Kr, Tr, Ti, F2r, F2i, PREC)
+                zr, zi = _mfft_inverse_stage1(er, ei, F1tr, F1ti, PREC)
+                tl.store(gu_ptr + base0 + t, (zr * (1.0 / (N1 * N2)) + dc * gr0).to(gu_ptr.dtype.element_ty), mask=m0)
+                tl.store(gu_ptr + base1 + t, (zi * (1.0 / (N1 * N2)) + dc * gi0).to(gu_ptr.dtype.element_ty), mask=m1)
         # the rows' products summed, then one inverse
         er, ei = _mfft_inverse_stage2(sr, si, Tr, Ti, F2r, F2i, PREC)
         gk = (_mfft_dot(F1tr, er, PREC) + _mfft_dot(F1ti, ei, PREC)) * (1.0 / (N1 * N2))
@@ -370,18 +383,24 @@ def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
     return y
 
 
-def _mfft_corr_impl(u, g, N1, N2, Lk, prec, rows, warps):
-    """(grad k (C, Lk), grad D (C,)) in fp32: the kernel's per-program partial sums, summed over the programs
-    only when there are several (at batch <= rows, the GPT-2-size step's case, no reduction kernel)."""
+def _mfft_conv_bwd_impl(u, g, kr, ki, d, Lk, prec, rows, warps, grad_u):
+    """(grad u (B, C, L) in u's dtype, or an empty tensor without grad_u; grad k (C, Lk) and grad D (C,) in fp32):
+    the kernel's per-program partial sums, summed over the programs only when there are several (at batch <= rows,
+    the GPT-2-size step's case, no reduction kernel)."""
     B, C, L = u.shape
+    N1, N2 = kr.shape[1], kr.shape[2]
     nb = -(-B // rows)
     make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
+    gu = make(u.shape if grad_u else (0,), device=u.device, dtype=u.dtype)
     gk = make((nb, C, Lk), device=u.device, dtype=torch.float32)  # the kernel writes every element
     gd = make((nb, C), device=u.device, dtype=torch.float32)
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
-        _mfft_corr_kernel[(C, nb)](u, g, gk, gd, *_mfft_consts(N1, N2, u.device), B, C, L, Lk, rows,
-                                   N1=N1, N2=N2, PREC=prec, num_warps=warps)
-    return (gk.sum(0), gd.sum(0)) if nb > 1 else (gk.view(C, Lk), gd.view(C))
+        _mfft_conv_bwd_kernel[(C, nb)](u, g, gu if grad_u else g, gk, gd, kr, ki, d,  # (g: never written)
+                                       *_mfft_consts(N1, N2, u.device), B, C, L, Lk, rows, N1=N1, N2=N2, PREC=prec,
+                                       GRAD_U=grad_u, num_warps=warps)
+    if nb > 1:
+        return gu, gk.sum(0), gd.sum(0)
+    return gu, gk.view(C, Lk), gd.view(C)
 
 
 def _mfft_rows_impl(a, k, C, H, mode, prec, rows, warps):
@@ -433,13 +452,14 @@ def define_op(schema, impl, fake):
 
 
 if triton is not None:
-    def _corr_fake(u, g, n1, n2, lk, prec, rows, warps):
-        return u.new_empty(u.shape[1], lk, dtype=torch.float32), u.new_empty(u.shape[1], dtype=torch.float32)
+    def _conv_bwd_fake(u, g, kr, ki, d, lk, prec, rows, warps, grad_u):
+        return (u.new_empty(u.shape if grad_u else (0,)), u.new_empty(u.shape[1], lk, dtype=torch.float32),
+                u.new_empty(u.shape[1], dtype=torch.float32))
 
     define_op('mfft_conv(Tensor u, Tensor kr, Tensor ki, Tensor d, str prec, int rows, int warps) -> Tensor',
               _mfft_conv_impl, lambda u, kr, ki, d, prec, rows, warps: torch.empty_like(u))
-    define_op('mfft_corr(Tensor u, Tensor g, int n1, int n2, int lk, str prec, int rows, int warps) -> (Tensor, Tensor)',
-              _mfft_corr_impl, _corr_fake)
+    define_op('mfft_conv_bwd(Tensor u, Tensor g, Tensor kr, Tensor ki, Tensor d, int lk, str prec, int rows, '
+              'int warps, bool grad_u) -> (Tensor, Tensor, Tensor)', _mfft_conv_bwd_impl, _conv_bwd_fake)
     define_op('mfft_rows(Tensor a, Tensor k, int c, int h, str mode, str prec, int rows, int warps) -> Tensor',
               _mfft_rows_impl, lambda a, k, c, h, mode, prec, rows, warps: torch.empty_like(a))
     define_op('mfft_rows_grad_k(Tensor au, Tensor ag, int b, int c, int h, str prec, int rows, int warps) -> Tensor',
@@ -470,12 +490,13 @@ def monarch_backward(saved, cfg, needs, grad_y):
     N1, N2, Lk, prec, rows, warps, k_dtype, d_dtype = cfg
     g = grad_y.to(u.dtype).contiguous()
     grad_u = grad_k = grad_D = None
-    if needs[0]:  # the adjoint of a convolution with k is a correlation: conj(K)
-        grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
-    if needs[1] or (d_dtype is not None and needs[2]):
-        gk, gd = torch.ops.hyena.mfft_corr(u, g, N1, N2, Lk, prec, rows, warps)
+    if needs[1] or (d_dtype is not None and needs[2]):  # one kernel, one transform of g for all three
+        gu, gk, gd = torch.ops.hyena.mfft_conv_bwd(u, g, kr, ki, d, Lk, prec, rows, warps, needs[0])
+        grad_u = gu if needs[0] else None
         grad_k = gk.to(k_dtype)
         grad_D = gd.to(d_dtype) if d_dtype is not None else None
+    elif needs[0]:  # the adjoint of a convolution with k is a correlation: conj(K)
+        grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
     return grad_u, grad_k, grad_D
 
 
