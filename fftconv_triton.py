@@ -32,6 +32,8 @@ TRITON_MAX_N = 4096     # largest FFT size of the one-kernel path (registers); l
 TRITON_INNER_N = 0      # four-step path: row FFT length Ni, N = 2H * Ni (0: by N, see _four_step_plan)
 TRITON_NUM_WARPS = 0    # 0: by path, 4 one-kernel, 2 four-step (_mfft_launch; 8 were 2x slower on the H200)
 TRITON_ROWS = 0         # rows per program (0: 16, or fewer when there are few)
+TRITON_MERGED_BWD_MAX_N = 2048  # FFT sizes up to this compute grad u in the grad-k kernel too (one transform of g;
+#                                 at 4096 its registers spill: 2x slower than a second kernel on the H200)
 _TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'  # CPU tests run the kernels interpreted
 _TRITON_POISON = False  # tests: fill kernel outputs with NaN first, so an unwritten element shows
 _MFFT_CONSTS = {}
@@ -139,8 +141,6 @@ if triton is not None:
         F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti, mat, t = _mfft_load_consts(
             f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2)
         if GRAD_U:
-            Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
-            Ki = -tl.load(ki_ptr + c * (N1 * N2) + mat)  # conj(K)
             dc = tl.load(d_ptr + c)
         sr = tl.zeros([N1, N2], dtype=tl.float32)
         si = tl.zeros([N1, N2], dtype=tl.float32)
@@ -156,7 +156,9 @@ if triton is not None:
             sr += ur * gr + ui * gi
             si += ur * gi - ui * gr
             dd += ur0 * gr0 + ui0 * gi0
-            if GRAD_U:
+            if GRAD_U:  # conj(K), loaded (from L2) per row pair: held across the loop it spilled registers
+                Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
+                Ki = -tl.load(ki_ptr + c * (N1 * N2) + mat)
                 er, ei = _mfft_inverse_stage2(gr * Kr - gi * Ki, gr * Ki + gi * Kr, Tr, Ti, F2r, F2i, PREC)
                 zr, zi = _mfft_inverse_stage1(er, ei, F1tr, F1ti, PREC)
                 tl.store(gu_ptr + base0 + t, (zr * (1.0 / (N1 * N2)) + dc * gr0).to(gu_ptr.dtype.element_ty), mask=m0)
@@ -490,12 +492,13 @@ def monarch_backward(saved, cfg, needs, grad_y):
     N1, N2, Lk, prec, rows, warps, k_dtype, d_dtype = cfg
     g = grad_y.to(u.dtype).contiguous()
     grad_u = grad_k = grad_D = None
-    if needs[1] or (d_dtype is not None and needs[2]):  # one kernel, one transform of g for all three
-        gu, gk, gd = torch.ops.hyena.mfft_conv_bwd(u, g, kr, ki, d, Lk, prec, rows, warps, needs[0])
-        grad_u = gu if needs[0] else None
+    merge = needs[0] and N1 * N2 <= TRITON_MERGED_BWD_MAX_N
+    if needs[1] or (d_dtype is not None and needs[2]):  # one transform of g for grad k and D (and grad u)
+        gu, gk, gd = torch.ops.hyena.mfft_conv_bwd(u, g, kr, ki, d, Lk, prec, rows, warps, merge)
+        grad_u = gu if merge else None
         grad_k = gk.to(k_dtype)
         grad_D = gd.to(d_dtype) if d_dtype is not None else None
-    elif needs[0]:  # the adjoint of a convolution with k is a correlation: conj(K)
+    if needs[0] and grad_u is None:  # the adjoint of a convolution with k is a correlation: conj(K)
         grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
     return grad_u, grad_k, grad_D
 

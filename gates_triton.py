@@ -13,13 +13,10 @@ backward (the gates' and short convs' gradients, their weight and bias reduction
 transposes between the two layouts) took ~3 ms of memory-bound kernels per operator at B * L = 64K on the H200,
 against the long convolution's ~0.8 ms (BENCHMARKS.md, "Where the operator's time goes"). Here each gate's forward
 is one kernel: a (BLOCK_T, BLOCK_C) tile of each stream is read once (the short conv's K - 1 neighbours come from
-L1/L2) and the transposed tile written once. The backward is two kernels around the convolution's: gate_out_bwd
-writes the convolution's output gradient gy = go^T * sc(q); after the convolution's backward, gates_bwd writes the
-gradient of p whole (all three streams: each short conv's transpose applied to its output gradient, recomputed at
-the K time steps it needs from go, y, gz and the streams, so that gradient never reaches memory) and sums the short
-convs' weight and bias gradients over its time tiles (one small reduction over the programs' partial sums follows).
-hyena.GatedConv runs the steps as one autograd Function, so that autograd does not concatenate the streams'
-gradients in another pass.
+L1/L2) and the transposed tile written once. Its backward writes the gradients of the short convs' outputs and
+sums this tile's share of their weight and bias gradients; after both gates, one kernel applies the short convs'
+transpose to all three streams and writes the gradient of p whole (hyena.GatedConv runs the three steps as one
+autograd Function, so that autograd does not concatenate the streams' gradients in another pass).
 """
 import contextlib
 
@@ -29,8 +26,8 @@ import fftconv_triton
 from fftconv_triton import define_op, tl, triton
 
 # Each kernel's tile (time steps, channels) and warps per program: the fastest on the H200 (BENCHMARKS.md)
-TILES = dict(gate_in=(16, 128, 1), gate_out=(16, 128, 2), gate_out_bwd=(16, 128, 1), gates_bwd=(32, 64, 4))
-GATES_BWD_TILES_PER_PROGRAM = 4  # gates_bwd: time tiles per program, whose weight-gradient sums it adds up itself
+TILES = dict(gate_in=(16, 128, 1), gate_out=(16, 128, 2), gate_in_bwd=(64, 32, 2), gate_out_bwd=(16, 128, 1),
+             input_grad=(16, 128, 4))
 
 
 def applies(p, order, short_filter):
@@ -63,17 +60,17 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _weight_grad_terms(gs, x_ptr, t, c, c_ok, T, x_st, K: tl.constexpr, KP: tl.constexpr):
-        """A tile's share of a short conv's parameter gradients, gs the gradient of its output at times t:
-        (KP, BLOCK_C) with [j, c] = sum_t gs[t, c] x[t - K + 1 + j, c] for the taps j < K, [K, c] = sum_t gs[t, c]."""
+    def _weight_grad_sums(gs, x_ptr, row, t, c, c_ok, T, x_st, sums_ptr, W, K: tl.constexpr, KP: tl.constexpr):
+        """This tile's share of the short conv's parameter gradients, gs the gradient of its output:
+        sums[tile, j, c] = sum_t gs[t, c] x[t - K + 1 + j, c] for the taps j < K, sums[tile, K, c] = sum_t gs[t, c]."""
         tap = tl.arange(0, KP)[:, None]
         acc = tl.where(tap == K, tl.sum(gs, axis=0)[None, :], 0.0)
         for j in tl.static_range(K):
             s = t - (K - 1) + j
-            x = tl.load(x_ptr + s[:, None] * x_st + c[None, :], mask=((s >= 0) & (s < T))[:, None] & c_ok[None, :],
-                        other=0.0)
+            x = tl.load(x_ptr + row + s[:, None] * x_st + c[None, :],
+                        mask=((s >= 0) & (s < T))[:, None] & c_ok[None, :], other=0.0)
             acc += tl.where(tap == j, tl.sum(gs * x.to(tl.float32), axis=0)[None, :], 0.0)
-        return acc
+        tl.store(sums_ptr + tl.program_id(0) * KP * W + tap * W + c[None, :], acc, mask=c_ok[None, :])
 
     @triton.jit
     def _gate_in_kernel(a_ptr, v_ptr, wa_ptr, ba_ptr, wv_ptr, bv_ptr, z_ptr, T, D, t_blocks, a_sb, a_st, v_sb, v_st,
@@ -98,68 +95,59 @@ if triton is not None:
         tl.store(o_ptr + (b * T + t[:, None]) * D + c[None, :], o.to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gate_out_bwd_kernel(go_ptr, q_ptr, wq_ptr, bq_ptr, gy_ptr, T, D, t_blocks, go_sb, go_st, q_sb, q_st,
-                             K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Given go = dL/do (B, T, D): the convolution's output gradient gy[b, c, t] = go[b, t, c] * sc(q)[b, t, c]."""
+    def _gate_in_bwd_kernel(gz_ptr, a_ptr, v_ptr, wa_ptr, ba_ptr, wv_ptr, bv_ptr, gs_ptr, sums_a_ptr, sums_v_ptr, T,
+                            D, t_blocks, gz_sb, gz_sc, gz_st, a_sb, a_st, v_sb, v_st, K: tl.constexpr,
+                            KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Given gz = dL/dz (B, D, T): the gradients of sc(a) and sc(v), gz^T * sc(v) and gz^T * sc(a), into
+        gs (B, T, 2D), and this tile's partial sums of both short convs' weight and bias gradients."""
+        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        c_ok = c < D
+        mask = (t < T)[:, None] & c_ok[None, :]
+        gz = tl.load(gz_ptr + b * gz_sb + c[None, :] * gz_sc + t[:, None] * gz_st, mask=mask, other=0.0).to(tl.float32)
+        gs_a = gz * _short_conv_tile(v_ptr, wv_ptr, bv_ptr, b * v_sb, t, c, c_ok, T, v_st, K, BLOCK_T, BLOCK_C)
+        gs_v = gz * _short_conv_tile(a_ptr, wa_ptr, ba_ptr, b * a_sb, t, c, c_ok, T, a_st, K, BLOCK_T, BLOCK_C)
+        out = gs_ptr + (b * T + t[:, None]) * (2 * D) + c[None, :]
+        tl.store(out, gs_a.to(gs_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + D, gs_v.to(gs_ptr.dtype.element_ty), mask=mask)
+        _weight_grad_sums(gs_a, a_ptr, b * a_sb, t, c, c_ok, T, a_st, sums_a_ptr, D, K, KP)
+        _weight_grad_sums(gs_v, v_ptr, b * v_sb, t, c, c_ok, T, v_st, sums_v_ptr, D, K, KP)
+
+    @triton.jit
+    def _gate_out_bwd_kernel(go_ptr, y_ptr, q_ptr, wq_ptr, bq_ptr, gy_ptr, gs_ptr, sums_ptr, T, D, t_blocks, go_sb,
+                             go_st, y_sb, y_sc, y_st, q_sb, q_st, K: tl.constexpr, KP: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Given go = dL/do (B, T, D): gy = go^T * sc(q) (B, D, T), the gradient of sc(q), go * y^T, into gs
+        (B, T, D), and this tile's partial sums of the short conv's weight and bias gradients."""
         b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
         c_ok = c < D
         mask = (t < T)[:, None] & c_ok[None, :]
         go = tl.load(go_ptr + b * go_sb + t[:, None] * go_st + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        gy = go * _short_conv_tile(q_ptr, wq_ptr, bq_ptr, b * q_sb, t, c, c_ok, T, q_st, K, BLOCK_T, BLOCK_C)
-        tl.store(gy_ptr + (b * D + c[None, :]) * T + t[:, None], gy.to(gy_ptr.dtype.element_ty), mask=mask)
+        y = tl.load(y_ptr + b * y_sb + c[None, :] * y_sc + t[:, None] * y_st, mask=mask, other=0.0).to(tl.float32)
+        sc = _short_conv_tile(q_ptr, wq_ptr, bq_ptr, b * q_sb, t, c, c_ok, T, q_st, K, BLOCK_T, BLOCK_C)
+        tl.store(gy_ptr + (b * D + c[None, :]) * T + t[:, None], (go * sc).to(gy_ptr.dtype.element_ty), mask=mask)
+        gs = go * y
+        tl.store(gs_ptr + (b * T + t[:, None]) * D + c[None, :], gs.to(gs_ptr.dtype.element_ty), mask=mask)
+        _weight_grad_sums(gs, q_ptr, b * q_sb, t, c, c_ok, T, q_st, sums_ptr, D, K, KP)
 
     @triton.jit
-    def _gates_bwd_kernel(go_ptr, y_ptr, gz_ptr, p_ptr, w_ptr, b_ptr, gp_ptr, sums_ptr, T, D, t_groups, go_sb, go_st,
-                          y_sb, y_sc, y_st, gz_sb, gz_sc, gz_st, p_sb, p_st, K: tl.constexpr, KP: tl.constexpr,
-                          TILES_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Given go = dL/do (B, T, D), y the convolution's output and gz = dL/dz (both (B, D, T)): the gradient of p
-        (B, T, 3D) and the partial sums of the short convs' weight and bias gradients over this program's TILES_PER
-        time tiles, sums[program, j, s * D + c] for stream s (q, a, v). Each stream's output gradient,
-        gs_q = go * y^T, gs_a = gz^T * sc(v), gs_v = gz^T * sc(a), is recomputed at the K times t .. t + K - 1 that
-        the short conv's transpose reads: dL/dx[t, c] = sum_s w[c, K - 1 - s] gs[t + s, c]."""
-        n = tl.program_id(0)
-        b = (n // t_groups).to(tl.int64)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < D
-        q_ptr = p_ptr + b * p_sb
-        a_ptr, v_ptr = q_ptr + D, q_ptr + 2 * D
-        wq_ptr, wa_ptr, wv_ptr = w_ptr, w_ptr + D * K, w_ptr + 2 * D * K
-        ba_ptr, bv_ptr = b_ptr + D, b_ptr + 2 * D  # q's short conv itself is not needed: gs_q = go * y^T
-        sums_q = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
-        sums_a = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
-        sums_v = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
-        for i in range(TILES_PER):
-            t = ((n % t_groups) * TILES_PER + i) * BLOCK_T + tl.arange(0, BLOCK_T)
-            gx_q = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-            gx_a = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-            gx_v = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-            for s in tl.static_range(K):
-                ts = t + s
-                m = (ts < T)[:, None] & c_ok[None, :]
-                go = tl.load(go_ptr + b * go_sb + ts[:, None] * go_st + c[None, :], mask=m, other=0.0)
-                y = tl.load(y_ptr + b * y_sb + c[None, :] * y_sc + ts[:, None] * y_st, mask=m, other=0.0)
-                gz = tl.load(gz_ptr + b * gz_sb + c[None, :] * gz_sc + ts[:, None] * gz_st, mask=m,
-                             other=0.0).to(tl.float32)
-                gs_q = go.to(tl.float32) * y.to(tl.float32)
-                gs_a = gz * _short_conv_tile(v_ptr, wv_ptr, bv_ptr, 0, ts, c, c_ok, T, p_st, K, BLOCK_T, BLOCK_C)
-                gs_v = gz * _short_conv_tile(a_ptr, wa_ptr, ba_ptr, 0, ts, c, c_ok, T, p_st, K, BLOCK_T, BLOCK_C)
-                tap = K - 1 - s
-                gx_q += tl.load(wq_ptr + c * K + tap, mask=c_ok, other=0.0).to(tl.float32)[None, :] * gs_q
-                gx_a += tl.load(wa_ptr + c * K + tap, mask=c_ok, other=0.0).to(tl.float32)[None, :] * gs_a
-                gx_v += tl.load(wv_ptr + c * K + tap, mask=c_ok, other=0.0).to(tl.float32)[None, :] * gs_v
-                if s == 0:
-                    sums_q += _weight_grad_terms(gs_q, q_ptr, t, c, c_ok, T, p_st, K, KP)
-                    sums_a += _weight_grad_terms(gs_a, a_ptr, t, c, c_ok, T, p_st, K, KP)
-                    sums_v += _weight_grad_terms(gs_v, v_ptr, t, c, c_ok, T, p_st, K, KP)
-            mask = (t < T)[:, None] & c_ok[None, :]
-            out = gp_ptr + (b * T + t[:, None]) * (3 * D) + c[None, :]
-            tl.store(out, gx_q.to(gp_ptr.dtype.element_ty), mask=mask)
-            tl.store(out + D, gx_a.to(gp_ptr.dtype.element_ty), mask=mask)
-            tl.store(out + 2 * D, gx_v.to(gp_ptr.dtype.element_ty), mask=mask)
-        out = sums_ptr + n * KP * (3 * D) + tl.arange(0, KP)[:, None] * (3 * D) + c[None, :]
-        tl.store(out, sums_q, mask=c_ok[None, :])
-        tl.store(out + D, sums_a, mask=c_ok[None, :])
-        tl.store(out + 2 * D, sums_v, mask=c_ok[None, :])
+    def _short_conv_input_grad_kernel(gs1_ptr, gs2_ptr, w_ptr, gx_ptr, T, W1, W, t_blocks, K: tl.constexpr,
+                                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """gx[b, t, c] = sum_s w[c, K - 1 - s] gs[b, t + s, c]: the gradient of the short conv's input x (B, T, W),
+        given gs, that of its output, as two contiguous pieces (channels [0, W1) in gs1, the rest in gs2), and its
+        weight w (W, K): x[t] reaches sc[t + s] through tap K - 1 - s."""
+        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        c_ok = c < W
+        in1, in2 = c < W1, (c >= W1) & c_ok
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for s in tl.static_range(K):
+            ts = ((b * T + t + s)[:, None]).to(tl.int64)
+            t_ok = (t + s < T)[:, None]
+            g = (tl.load(gs1_ptr + ts * W1 + c[None, :], mask=t_ok & in1[None, :], other=0.0).to(tl.float32)
+                 + tl.load(gs2_ptr + ts * (W - W1) + (c - W1)[None, :], mask=t_ok & in2[None, :],
+                           other=0.0).to(tl.float32))
+            acc += tl.load(w_ptr + c * K + (K - 1 - s), mask=c_ok, other=0.0).to(tl.float32)[None, :] * g
+        tl.store(gx_ptr + (b * T + t[:, None]) * W + c[None, :], acc.to(gx_ptr.dtype.element_ty),
+                 mask=(t < T)[:, None] & c_ok[None, :])
 
 
 def _launch(kernel, B, T, W):
@@ -194,46 +182,71 @@ def _gate_out_impl(y, q, wq, bq):
     return o
 
 
-def _gate_out_bwd_impl(go, q, wq, bq):
+def _sums(n_tiles, K, D, device):
+    """Per-tile partial sums of the weight and bias gradients: (tiles, KP, D) fp32, KP a power of two > K."""
+    return torch.empty((n_tiles, 1 << K.bit_length(), D), device=device, dtype=torch.float32)
+
+
+def _short_conv_input_grad_impl(gs_q, gs_av, w):
+    """gs_q (B, T, D) and gs_av (B, T, 2D), contiguous: the gradient of the short conv's output, its q and its
+    (a, v) channels; w (3D, K) -> the gradient of its input, in_proj's output (B, T, 3D)."""
+    B, T, D = gs_q.shape
+    gx = gs_q.new_empty(B, T, 3 * D)
+    grid, t_blocks, launch = _launch('input_grad', B, T, 3 * D)
+    with _device(gs_q):
+        _short_conv_input_grad_kernel[grid](gs_q, gs_av, w, gx, T, D, 3 * D, t_blocks, K=w.shape[1], **launch)
+    return gx
+
+
+def _gate_in_bwd_impl(gz, a, v, wa, ba, wv, bv):
+    B, T, D = a.shape
+    K = wa.shape[1]
+    gs = a.new_empty(B, T, 2 * D)
+    grid, t_blocks, launch = _launch('gate_in_bwd', B, T, D)
+    sums_a, sums_v = _sums(grid[0], K, D, a.device), _sums(grid[0], K, D, a.device)
+    with _device(a):
+        _gate_in_bwd_kernel[grid](gz, a, v, wa, ba, wv, bv, gs, sums_a, sums_v, T, D, t_blocks, *gz.stride(),
+                                  a.stride(0), a.stride(1), v.stride(0), v.stride(1), K=K, KP=sums_a.shape[1],
+                                  **launch)
+    return gs, sums_a.sum(0)[:K + 1], sums_v.sum(0)[:K + 1]
+
+
+def _gate_out_bwd_impl(go, y, q, wq, bq):
     B, T, D = q.shape
-    gy = q.new_empty(B, D, T)
+    K = wq.shape[1]
+    gy, gs = y.new_empty(B, D, T), q.new_empty(B, T, D)
     grid, t_blocks, launch = _launch('gate_out_bwd', B, T, D)
+    sums = _sums(grid[0], K, D, q.device)
     with _device(q):
-        _gate_out_bwd_kernel[grid](go, q, wq, bq, gy, T, D, t_blocks, go.stride(0), go.stride(1), q.stride(0),
-                                   q.stride(1), K=wq.shape[1], **launch)
-    return gy
-
-
-def _gates_bwd_impl(go, y, gz, p, w, bias):
-    """go (B, T, D) with contiguous channels, y and gz (B, D, T), p (B, T, 3D), the short conv's weight w (3D, K)
-    and bias (3D,) -> (the gradient of p (B, T, 3D), the weight and bias gradient sums (K + 1, 3D) fp32: rows j < K
-    the taps', row K the bias')."""
-    B, T, D = go.shape
-    K = w.shape[1]
-    block_t, block_c, warps = TILES['gates_bwd']
-    per = GATES_BWD_TILES_PER_PROGRAM
-    t_groups = -(-T // (block_t * per))
-    grid = (B * t_groups, -(-D // block_c))
-    gp = p.new_empty(B, T, 3 * D)
-    sums = torch.empty((grid[0], 1 << K.bit_length(), 3 * D), device=p.device, dtype=torch.float32)
-    with _device(p):
-        _gates_bwd_kernel[grid](go, y, gz, p, w, bias, gp, sums, T, D, t_groups, go.stride(0), go.stride(1),
-                                *y.stride(), *gz.stride(), p.stride(0), p.stride(1), K=K, KP=sums.shape[1],
-                                TILES_PER=per, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
-    return gp, (sums.sum(0) if grid[0] > 1 else sums[0])[:K + 1]
+        _gate_out_bwd_kernel[grid](go, y, q, wq, bq, gy, gs, sums, T, D, t_blocks, go.stride(0), go.stride(1),
+                                   *y.stride(), q.stride(0), q.stride(1), K=K, KP=sums.shape[1], **launch)
+    return gy, gs, sums.sum(0)[:K + 1]
 
 
 if triton is not None:
+    def _wsums_fake(w):
+        return w.new_empty((w.shape[1] + 1, w.shape[0]), dtype=torch.float32)
+
     define_op('gate_in(Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv) -> Tensor', _gate_in_impl,
               lambda a, v, wa, ba, wv, bv: a.new_empty(a.shape[0], a.shape[2], a.shape[1]))
     define_op('gate_out(Tensor y, Tensor q, Tensor wq, Tensor bq) -> Tensor', _gate_out_impl,
               lambda y, q, wq, bq: q.new_empty(q.shape))
-    define_op('gate_out_bwd(Tensor go, Tensor q, Tensor wq, Tensor bq) -> Tensor', _gate_out_bwd_impl,
-              lambda go, q, wq, bq: q.new_empty(q.shape[0], q.shape[2], q.shape[1]))
-    define_op('gates_bwd(Tensor go, Tensor y, Tensor gz, Tensor p, Tensor w, Tensor bias) -> (Tensor, Tensor)',
-              _gates_bwd_impl,
-              lambda go, y, gz, p, w, bias: (p.new_empty(p.shape),
-                                             p.new_empty((w.shape[1] + 1, w.shape[0]), dtype=torch.float32)))
+    define_op('gate_out_bwd(Tensor go, Tensor y, Tensor q, Tensor wq, Tensor bq) -> (Tensor, Tensor, Tensor)',
+              _gate_out_bwd_impl,
+              lambda go, y, q, wq, bq: (y.new_empty(y.shape), q.new_empty(q.shape), _wsums_fake(wq)))
+    define_op('gate_in_bwd(Tensor gz, Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv) '
+              '-> (Tensor, Tensor, Tensor)', _gate_in_bwd_impl,
+              lambda gz, a, v, wa, ba, wv, bv: (a.new_empty(a.shape[0], a.shape[1], 2 * a.shape[2]), _wsums_fake(wa),
+                                                _wsums_fake(wv)))
+    define_op('short_conv_input_grad(Tensor gs_q, Tensor gs_av, Tensor w) -> Tensor', _short_conv_input_grad_impl,
+              lambda gs_q, gs_av, w: gs_q.new_empty(gs_q.shape[0], gs_q.shape[1], 3 * gs_q.shape[2]))
+
+
+def param_grads(sums_q, sums_a, sums_v, weight, bias):
+    """The three streams' (K + 1, D) sums -> the gradients of the short conv's weight (3D, 1, K) and bias (3D,)."""
+    sums = torch.cat([sums_q, sums_a, sums_v], dim=1)  # (K + 1, 3D)
+    K = weight.shape[-1]
+    return sums[:K].t().reshape(weight.shape).to(weight.dtype), sums[K].to(bias.dtype)
 
 
 def gates(p, weight, bias):

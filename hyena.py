@@ -206,7 +206,7 @@ class GatedConv(torch.autograd.Function):
     (gates_triton.py), p (B, T, 3D) in_proj's output, weight (3D, 1, K) and bias (3D,) the short conv's, k (D, Lk)
     and D (D,) the long filter and its skip, path a key of _CONV_PATHS. One Function, so that its backward writes the
     gradient of p with one kernel: as three Functions on p's three streams, autograd concatenated their gradients in
-    another pass over (B, T, 3D). Saves p, y and what the convolution saves; the kernels recompute the short convs."""
+    another pass over (B, T, 3D). Saves p, y and what the convolution saves; the gates recompute the short convs."""
 
     @staticmethod
     def forward(ctx, p, weight, bias, k, D, path):
@@ -220,16 +220,15 @@ class GatedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go):
         p, weight, bias, y, *saved = ctx.saved_tensors
-        (q, wq, bq), _, _ = gates_triton.gates(p, weight, bias)
+        (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, weight, bias)
         go = go.to(q.dtype)
-        if go.stride(-1) != 1:  # the kernels read channels contiguously
+        if go.stride(-1) != 1:  # the kernel reads channels contiguously
             go = go.contiguous()
-        gy = torch.ops.hyena.gate_out_bwd(go, q, wq, bq)
+        gy, gs_q, sums_q = torch.ops.hyena.gate_out_bwd(go, y, q, wq, bq)
         gz, grad_k, grad_D = _CONV_PATHS[ctx.path][1](saved, ctx.cfg, (True,) + ctx.needs_input_grad[3:5], gy)
-        w = weight.view(weight.shape[0], -1)
-        grad_p, sums = torch.ops.hyena.gates_bwd(go, y, gz.to(q.dtype), p, w, bias)
-        grad_w, grad_b = sums[:-1].t().reshape(weight.shape), sums[-1]
-        return grad_p, grad_w.to(weight.dtype), grad_b.to(bias.dtype), grad_k, grad_D, None
+        gs_av, sums_a, sums_v = torch.ops.hyena.gate_in_bwd(gz.to(a.dtype), a, v, wa, ba, wv, bv)
+        grad_p = torch.ops.hyena.short_conv_input_grad(gs_q, gs_av, weight.view(weight.shape[0], -1))
+        return (grad_p,) + gates_triton.param_grads(sums_q, sums_a, sums_v, weight, bias) + (grad_k, grad_D, None)
 
 
 def short_conv(z, conv):
