@@ -14,9 +14,10 @@ transposes between the two layouts) took ~3 ms of memory-bound kernels per opera
 against the long convolution's ~0.8 ms (BENCHMARKS.md, "Where the operator's time goes"). Here each gate's forward
 is one kernel: a (BLOCK_T, BLOCK_C) tile of each stream is read once (the short conv's K - 1 neighbours come from
 L1/L2) and the transposed tile written once. Its backward writes the gradients of the short convs' outputs and
-sums this tile's share of their weight and bias gradients; after both gates, one kernel applies the short convs'
-transpose to all three streams and writes the gradient of p whole (hyena.GatedConv runs the three steps as one
-autograd Function, so that autograd does not concatenate the streams' gradients in another pass).
+sums its program's share of their weight and bias gradients (param_grads adds the partials up, inside the compiled
+graph when there is one); after both gates, one kernel applies the short convs' transpose to all three streams and
+writes the gradient of p whole (hyena.GatedConv runs the three steps as one autograd Function, so that autograd
+does not concatenate the streams' gradients in another pass).
 """
 import contextlib
 
@@ -25,8 +26,11 @@ import torch
 import fftconv_triton
 from fftconv_triton import define_op, tl, triton
 
-# Each kernel's tile (time steps, channels) and warps per program: the fastest on the H200 (BENCHMARKS.md)
-TILES = dict(gate_in=(16, 128, 1), gate_out=(16, 128, 2), gate_in_bwd=(64, 32, 2), gate_out_bwd=(16, 128, 1),
+# Each kernel's tile (time steps, channels) and warps per program: the fastest on the H200 (BENCHMARKS.md). The
+# backward kernels' fourth number: how many time tiles one program takes, summing the short conv's weight-gradient
+# partials over them in registers (fewer partials for param_grads to reduce, but fewer programs in flight). They
+# reach the ops as arguments, since the partials' shape depends on them: a compiled graph then records them.
+TILES = dict(gate_in=(16, 128, 1), gate_out=(16, 128, 2), gate_in_bwd=(16, 64, 1, 4), gate_out_bwd=(16, 128, 1, 1),
              input_grad=(16, 128, 4))
 
 
@@ -39,12 +43,14 @@ def applies(p, order, short_filter):
 
 if triton is not None:
     @triton.jit
-    def _tile(t_blocks, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        """This program's tile: batch row, time steps and channels (program axis 0 the (batch, time-block) tiles,
-        axis 1 the channel blocks)."""
-        n = tl.program_id(0)
-        t = (n % t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-        return (n // t_blocks).to(tl.int64), t, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    def _tile(n, t_blocks, BLOCK_T: tl.constexpr):
+        """Tile n's batch row and time steps (tiles numbered over (batch, time block), program axis 0)."""
+        return (n // t_blocks).to(tl.int64), (n % t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+
+    @triton.jit
+    def _channels(BLOCK_C: tl.constexpr):
+        """This program's channels (program axis 1 the channel blocks)."""
+        return tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
 
     @triton.jit
     def _short_conv_tile(x_ptr, w_ptr, b_ptr, row, t, c, c_ok, T, x_st, K: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -60,23 +66,30 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _weight_grad_sums(gs, x_ptr, row, t, c, c_ok, T, x_st, sums_ptr, W, K: tl.constexpr, KP: tl.constexpr):
-        """This tile's share of the short conv's parameter gradients, gs the gradient of its output:
-        sums[tile, j, c] = sum_t gs[t, c] x[t - K + 1 + j, c] for the taps j < K, sums[tile, K, c] = sum_t gs[t, c]."""
+    def _weight_grad_sums(acc, gs, x_ptr, row, t, c, c_ok, T, x_st, K: tl.constexpr, KP: tl.constexpr):
+        """acc (KP, BLOCK_C) plus this tile's share of the short conv's parameter gradients, gs the gradient of
+        its output: acc[j, c] += sum_t gs[t, c] x[t - K + 1 + j, c] for the taps j < K, acc[K, c] += sum_t gs[t, c]."""
         tap = tl.arange(0, KP)[:, None]
-        acc = tl.where(tap == K, tl.sum(gs, axis=0)[None, :], 0.0)
+        acc += tl.where(tap == K, tl.sum(gs, axis=0)[None, :], 0.0)
         for j in tl.static_range(K):
             s = t - (K - 1) + j
             x = tl.load(x_ptr + row + s[:, None] * x_st + c[None, :],
                         mask=((s >= 0) & (s < T))[:, None] & c_ok[None, :], other=0.0)
             acc += tl.where(tap == j, tl.sum(gs * x.to(tl.float32), axis=0)[None, :], 0.0)
+        return acc
+
+    @triton.jit
+    def _store_sums(acc, sums_ptr, c, c_ok, W, KP: tl.constexpr):
+        """This program's partial sums: sums[program, j, c] = acc[j, c]."""
+        tap = tl.arange(0, KP)[:, None]
         tl.store(sums_ptr + tl.program_id(0) * KP * W + tap * W + c[None, :], acc, mask=c_ok[None, :])
 
     @triton.jit
     def _gate_in_kernel(a_ptr, v_ptr, wa_ptr, ba_ptr, wv_ptr, bv_ptr, z_ptr, T, D, t_blocks, a_sb, a_st, v_sb, v_st,
                         K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         """z[b, c, t] = sc(a)[b, t, c] * sc(v)[b, t, c]."""
-        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        b, t = _tile(tl.program_id(0), t_blocks, BLOCK_T)
+        c = _channels(BLOCK_C)
         c_ok = c < D
         z = (_short_conv_tile(a_ptr, wa_ptr, ba_ptr, b * a_sb, t, c, c_ok, T, a_st, K, BLOCK_T, BLOCK_C)
              * _short_conv_tile(v_ptr, wv_ptr, bv_ptr, b * v_sb, t, c, c_ok, T, v_st, K, BLOCK_T, BLOCK_C))
@@ -87,7 +100,8 @@ if triton is not None:
     def _gate_out_kernel(y_ptr, q_ptr, wq_ptr, bq_ptr, o_ptr, T, D, t_blocks, y_sb, y_sc, y_st, q_sb, q_st,
                          K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         """o[b, t, c] = y[b, c, t] * sc(q)[b, t, c]."""
-        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        b, t = _tile(tl.program_id(0), t_blocks, BLOCK_T)
+        c = _channels(BLOCK_C)
         c_ok = c < D
         mask = (t < T)[:, None] & c_ok[None, :]
         y = tl.load(y_ptr + b * y_sb + c[None, :] * y_sc + t[:, None] * y_st, mask=mask, other=0.0).to(tl.float32)
@@ -95,39 +109,56 @@ if triton is not None:
         tl.store(o_ptr + (b * T + t[:, None]) * D + c[None, :], o.to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gate_in_bwd_kernel(gz_ptr, a_ptr, v_ptr, wa_ptr, ba_ptr, wv_ptr, bv_ptr, gs_ptr, sums_a_ptr, sums_v_ptr, T,
-                            D, t_blocks, gz_sb, gz_sc, gz_st, a_sb, a_st, v_sb, v_st, K: tl.constexpr,
-                            KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gate_in_bwd_kernel(gz_ptr, a_ptr, v_ptr, wa_ptr, ba_ptr, wv_ptr, bv_ptr, gs_ptr, sums_ptr, T, D, t_blocks,
+                            n_tiles, gz_sb, gz_sc, gz_st, a_sb, a_st, v_sb, v_st, K: tl.constexpr, KP: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_TILES: tl.constexpr):
         """Given gz = dL/dz (B, D, T): the gradients of sc(a) and sc(v), gz^T * sc(v) and gz^T * sc(a), into
-        gs (B, T, 2D), and this tile's partial sums of both short convs' weight and bias gradients."""
-        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        gs (B, T, 2D), and the partial sums of both short convs' weight and bias gradients over this program's
+        SUM_TILES tiles into sums (programs, KP, 2D), a's channels first."""
+        c = _channels(BLOCK_C)
         c_ok = c < D
-        mask = (t < T)[:, None] & c_ok[None, :]
-        gz = tl.load(gz_ptr + b * gz_sb + c[None, :] * gz_sc + t[:, None] * gz_st, mask=mask, other=0.0).to(tl.float32)
-        gs_a = gz * _short_conv_tile(v_ptr, wv_ptr, bv_ptr, b * v_sb, t, c, c_ok, T, v_st, K, BLOCK_T, BLOCK_C)
-        gs_v = gz * _short_conv_tile(a_ptr, wa_ptr, ba_ptr, b * a_sb, t, c, c_ok, T, a_st, K, BLOCK_T, BLOCK_C)
-        out = gs_ptr + (b * T + t[:, None]) * (2 * D) + c[None, :]
-        tl.store(out, gs_a.to(gs_ptr.dtype.element_ty), mask=mask)
-        tl.store(out + D, gs_v.to(gs_ptr.dtype.element_ty), mask=mask)
-        _weight_grad_sums(gs_a, a_ptr, b * a_sb, t, c, c_ok, T, a_st, sums_a_ptr, D, K, KP)
-        _weight_grad_sums(gs_v, v_ptr, b * v_sb, t, c, c_ok, T, v_st, sums_v_ptr, D, K, KP)
+        acc_a = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
+        acc_v = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
+        first = tl.program_id(0) * SUM_TILES
+        for n in range(first, tl.minimum(first + SUM_TILES, n_tiles)):
+            b, t = _tile(n, t_blocks, BLOCK_T)
+            mask = (t < T)[:, None] & c_ok[None, :]
+            gz = tl.load(gz_ptr + b * gz_sb + c[None, :] * gz_sc + t[:, None] * gz_st, mask=mask,
+                         other=0.0).to(tl.float32)
+            gs_a = gz * _short_conv_tile(v_ptr, wv_ptr, bv_ptr, b * v_sb, t, c, c_ok, T, v_st, K, BLOCK_T, BLOCK_C)
+            gs_v = gz * _short_conv_tile(a_ptr, wa_ptr, ba_ptr, b * a_sb, t, c, c_ok, T, a_st, K, BLOCK_T, BLOCK_C)
+            out = gs_ptr + (b * T + t[:, None]) * (2 * D) + c[None, :]
+            tl.store(out, gs_a.to(gs_ptr.dtype.element_ty), mask=mask)
+            tl.store(out + D, gs_v.to(gs_ptr.dtype.element_ty), mask=mask)
+            acc_a = _weight_grad_sums(acc_a, gs_a, a_ptr, b * a_sb, t, c, c_ok, T, a_st, K, KP)
+            acc_v = _weight_grad_sums(acc_v, gs_v, v_ptr, b * v_sb, t, c, c_ok, T, v_st, K, KP)
+        _store_sums(acc_a, sums_ptr, c, c_ok, 2 * D, KP)
+        _store_sums(acc_v, sums_ptr + D, c, c_ok, 2 * D, KP)
 
     @triton.jit
-    def _gate_out_bwd_kernel(go_ptr, y_ptr, q_ptr, wq_ptr, bq_ptr, gy_ptr, gs_ptr, sums_ptr, T, D, t_blocks, go_sb,
-                             go_st, y_sb, y_sc, y_st, q_sb, q_st, K: tl.constexpr, KP: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gate_out_bwd_kernel(go_ptr, y_ptr, q_ptr, wq_ptr, bq_ptr, gy_ptr, gs_ptr, sums_ptr, T, D, t_blocks, n_tiles,
+                             go_sb, go_st, y_sb, y_sc, y_st, q_sb, q_st, K: tl.constexpr, KP: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_TILES: tl.constexpr):
         """Given go = dL/do (B, T, D): gy = go^T * sc(q) (B, D, T), the gradient of sc(q), go * y^T, into gs
-        (B, T, D), and this tile's partial sums of the short conv's weight and bias gradients."""
-        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        (B, T, D), and the partial sums of the short conv's weight and bias gradients over this program's
+        SUM_TILES tiles into sums (programs, KP, D)."""
+        c = _channels(BLOCK_C)
         c_ok = c < D
-        mask = (t < T)[:, None] & c_ok[None, :]
-        go = tl.load(go_ptr + b * go_sb + t[:, None] * go_st + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + b * y_sb + c[None, :] * y_sc + t[:, None] * y_st, mask=mask, other=0.0).to(tl.float32)
-        sc = _short_conv_tile(q_ptr, wq_ptr, bq_ptr, b * q_sb, t, c, c_ok, T, q_st, K, BLOCK_T, BLOCK_C)
-        tl.store(gy_ptr + (b * D + c[None, :]) * T + t[:, None], (go * sc).to(gy_ptr.dtype.element_ty), mask=mask)
-        gs = go * y
-        tl.store(gs_ptr + (b * T + t[:, None]) * D + c[None, :], gs.to(gs_ptr.dtype.element_ty), mask=mask)
-        _weight_grad_sums(gs, q_ptr, b * q_sb, t, c, c_ok, T, q_st, sums_ptr, D, K, KP)
+        acc = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
+        first = tl.program_id(0) * SUM_TILES
+        for n in range(first, tl.minimum(first + SUM_TILES, n_tiles)):
+            b, t = _tile(n, t_blocks, BLOCK_T)
+            mask = (t < T)[:, None] & c_ok[None, :]
+            go = tl.load(go_ptr + b * go_sb + t[:, None] * go_st + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + b * y_sb + c[None, :] * y_sc + t[:, None] * y_st, mask=mask,
+                        other=0.0).to(tl.float32)
+            sc = _short_conv_tile(q_ptr, wq_ptr, bq_ptr, b * q_sb, t, c, c_ok, T, q_st, K, BLOCK_T, BLOCK_C)
+            tl.store(gy_ptr + (b * D + c[None, :]) * T + t[:, None], (go * sc).to(gy_ptr.dtype.element_ty),
+                     mask=mask)
+            gs = go * y
+            tl.store(gs_ptr + (b * T + t[:, None]) * D + c[None, :], gs.to(gs_ptr.dtype.element_ty), mask=mask)
+            acc = _weight_grad_sums(acc, gs, q_ptr, b * q_sb, t, c, c_ok, T, q_st, K, KP)
+        _store_sums(acc, sums_ptr, c, c_ok, D, KP)
 
     @triton.jit
     def _short_conv_input_grad_kernel(gs1_ptr, gs2_ptr, w_ptr, gx_ptr, T, W1, W, t_blocks, K: tl.constexpr,
@@ -135,7 +166,8 @@ if triton is not None:
         """gx[b, t, c] = sum_s w[c, K - 1 - s] gs[b, t + s, c]: the gradient of the short conv's input x (B, T, W),
         given gs, that of its output, as two contiguous pieces (channels [0, W1) in gs1, the rest in gs2), and its
         weight w (W, K): x[t] reaches sc[t + s] through tap K - 1 - s."""
-        b, t, c = _tile(t_blocks, BLOCK_T, BLOCK_C)
+        b, t = _tile(tl.program_id(0), t_blocks, BLOCK_T)
+        c = _channels(BLOCK_C)
         c_ok = c < W
         in1, in2 = c < W1, (c >= W1) & c_ok
         acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
@@ -150,12 +182,15 @@ if triton is not None:
                  mask=(t < T)[:, None] & c_ok[None, :])
 
 
-def _launch(kernel, B, T, W):
-    """(grid, time blocks, launch options) of a kernel named in TILES: one program per (batch, time-block) tile
-    and block of channels."""
-    block_t, block_c, warps = TILES[kernel]
+def _launch(tiles, B, T, W):
+    """(grid, time blocks, launch options) for tiles, an entry of TILES: one program per block of channels and per
+    (batch, time-block) tile, or per tiles[3] of them for the backward kernels."""
+    block_t, block_c, warps, *sum_tiles = tiles
     t_blocks = -(-T // block_t)
-    return (B * t_blocks, -(-W // block_c)), t_blocks, dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+    launch = dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+    if sum_tiles:
+        launch['SUM_TILES'] = sum_tiles[0]
+    return (-(-B * t_blocks // launch.get('SUM_TILES', 1)), -(-W // block_c)), t_blocks, launch
 
 
 def _device(x):
@@ -165,7 +200,7 @@ def _device(x):
 def _gate_in_impl(a, v, wa, ba, wv, bv):
     B, T, D = a.shape
     z = a.new_empty(B, D, T)
-    grid, t_blocks, launch = _launch('gate_in', B, T, D)
+    grid, t_blocks, launch = _launch(TILES['gate_in'], B, T, D)
     with _device(a):
         _gate_in_kernel[grid](a, v, wa, ba, wv, bv, z, T, D, t_blocks, a.stride(0), a.stride(1), v.stride(0),
                               v.stride(1), K=wa.shape[1], **launch)
@@ -175,16 +210,18 @@ def _gate_in_impl(a, v, wa, ba, wv, bv):
 def _gate_out_impl(y, q, wq, bq):
     B, T, D = q.shape
     o = q.new_empty(B, T, D)
-    grid, t_blocks, launch = _launch('gate_out', B, T, D)
+    grid, t_blocks, launch = _launch(TILES['gate_out'], B, T, D)
     with _device(q):
         _gate_out_kernel[grid](y, q, wq, bq, o, T, D, t_blocks, *y.stride(), q.stride(0), q.stride(1),
                                K=wq.shape[1], **launch)
     return o
 
 
-def _sums(n_tiles, K, D, device):
-    """Per-tile partial sums of the weight and bias gradients: (tiles, KP, D) fp32, KP a power of two > K."""
-    return torch.empty((n_tiles, 1 << K.bit_length(), D), device=device, dtype=torch.float32)
+def _sums(tiles, x, K, W):
+    """The per-program partial sums of the weight and bias gradients that a backward kernel run with tiles writes
+    for input x (B, T, .): (programs, KP, W) fp32, KP a power of two > K; param_grads sums them."""
+    grid, _, _ = _launch(tiles, x.shape[0], x.shape[1], 1)
+    return x.new_empty((grid[0], 1 << K.bit_length(), W), dtype=torch.float32)
 
 
 def _short_conv_input_grad_impl(gs_q, gs_av, w):
@@ -192,60 +229,59 @@ def _short_conv_input_grad_impl(gs_q, gs_av, w):
     (a, v) channels; w (3D, K) -> the gradient of its input, in_proj's output (B, T, 3D)."""
     B, T, D = gs_q.shape
     gx = gs_q.new_empty(B, T, 3 * D)
-    grid, t_blocks, launch = _launch('input_grad', B, T, 3 * D)
+    grid, t_blocks, launch = _launch(TILES['input_grad'], B, T, 3 * D)
     with _device(gs_q):
         _short_conv_input_grad_kernel[grid](gs_q, gs_av, w, gx, T, D, 3 * D, t_blocks, K=w.shape[1], **launch)
     return gx
 
 
-def _gate_in_bwd_impl(gz, a, v, wa, ba, wv, bv):
+def _gate_in_bwd_impl(gz, a, v, wa, ba, wv, bv, tiles):
     B, T, D = a.shape
     K = wa.shape[1]
     gs = a.new_empty(B, T, 2 * D)
-    grid, t_blocks, launch = _launch('gate_in_bwd', B, T, D)
-    sums_a, sums_v = _sums(grid[0], K, D, a.device), _sums(grid[0], K, D, a.device)
+    grid, t_blocks, launch = _launch(tiles, B, T, D)
+    sums = _sums(tiles, a, K, 2 * D)
     with _device(a):
-        _gate_in_bwd_kernel[grid](gz, a, v, wa, ba, wv, bv, gs, sums_a, sums_v, T, D, t_blocks, *gz.stride(),
-                                  a.stride(0), a.stride(1), v.stride(0), v.stride(1), K=K, KP=sums_a.shape[1],
-                                  **launch)
-    return gs, sums_a.sum(0)[:K + 1], sums_v.sum(0)[:K + 1]
+        _gate_in_bwd_kernel[grid](gz, a, v, wa, ba, wv, bv, gs, sums, T, D, t_blocks, B * t_blocks, *gz.stride(),
+                                  a.stride(0), a.stride(1), v.stride(0), v.stride(1), K=K, KP=sums.shape[1], **launch)
+    return gs, sums
 
 
-def _gate_out_bwd_impl(go, y, q, wq, bq):
+def _gate_out_bwd_impl(go, y, q, wq, bq, tiles):
     B, T, D = q.shape
     K = wq.shape[1]
     gy, gs = y.new_empty(B, D, T), q.new_empty(B, T, D)
-    grid, t_blocks, launch = _launch('gate_out_bwd', B, T, D)
-    sums = _sums(grid[0], K, D, q.device)
+    grid, t_blocks, launch = _launch(tiles, B, T, D)
+    sums = _sums(tiles, q, K, D)
     with _device(q):
-        _gate_out_bwd_kernel[grid](go, y, q, wq, bq, gy, gs, sums, T, D, t_blocks, go.stride(0), go.stride(1),
-                                   *y.stride(), q.stride(0), q.stride(1), K=K, KP=sums.shape[1], **launch)
-    return gy, gs, sums.sum(0)[:K + 1]
+        _gate_out_bwd_kernel[grid](go, y, q, wq, bq, gy, gs, sums, T, D, t_blocks, B * t_blocks, go.stride(0),
+                                   go.stride(1), *y.stride(), q.stride(0), q.stride(1), K=K, KP=sums.shape[1],
+                                   **launch)
+    return gy, gs, sums
 
 
 if triton is not None:
-    def _wsums_fake(w):
-        return w.new_empty((w.shape[1] + 1, w.shape[0]), dtype=torch.float32)
-
     define_op('gate_in(Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv) -> Tensor', _gate_in_impl,
               lambda a, v, wa, ba, wv, bv: a.new_empty(a.shape[0], a.shape[2], a.shape[1]))
     define_op('gate_out(Tensor y, Tensor q, Tensor wq, Tensor bq) -> Tensor', _gate_out_impl,
               lambda y, q, wq, bq: q.new_empty(q.shape))
-    define_op('gate_out_bwd(Tensor go, Tensor y, Tensor q, Tensor wq, Tensor bq) -> (Tensor, Tensor, Tensor)',
-              _gate_out_bwd_impl,
-              lambda go, y, q, wq, bq: (y.new_empty(y.shape), q.new_empty(q.shape), _wsums_fake(wq)))
-    define_op('gate_in_bwd(Tensor gz, Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv) '
-              '-> (Tensor, Tensor, Tensor)', _gate_in_bwd_impl,
-              lambda gz, a, v, wa, ba, wv, bv: (a.new_empty(a.shape[0], a.shape[1], 2 * a.shape[2]), _wsums_fake(wa),
-                                                _wsums_fake(wv)))
+    define_op('gate_out_bwd(Tensor go, Tensor y, Tensor q, Tensor wq, Tensor bq, int[] tiles) '
+              '-> (Tensor, Tensor, Tensor)', _gate_out_bwd_impl,
+              lambda go, y, q, wq, bq, tiles: (y.new_empty(y.shape), q.new_empty(q.shape),
+                                               _sums(tiles, q, wq.shape[1], q.shape[2])))
+    define_op('gate_in_bwd(Tensor gz, Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv, int[] tiles) '
+              '-> (Tensor, Tensor)', _gate_in_bwd_impl,
+              lambda gz, a, v, wa, ba, wv, bv, tiles: (a.new_empty(a.shape[0], a.shape[1], 2 * a.shape[2]),
+                                                       _sums(tiles, a, wa.shape[1], 2 * a.shape[2])))
     define_op('short_conv_input_grad(Tensor gs_q, Tensor gs_av, Tensor w) -> Tensor', _short_conv_input_grad_impl,
               lambda gs_q, gs_av, w: gs_q.new_empty(gs_q.shape[0], gs_q.shape[1], 3 * gs_q.shape[2]))
 
 
-def param_grads(sums_q, sums_a, sums_v, weight, bias):
-    """The three streams' (K + 1, D) sums -> the gradients of the short conv's weight (3D, 1, K) and bias (3D,)."""
-    sums = torch.cat([sums_q, sums_a, sums_v], dim=1)  # (K + 1, 3D)
+def param_grads(sums_q, sums_av, weight, bias):
+    """The backward kernels' partial sums, (programs, KP, D) for q and (programs, KP, 2D) for a and v -> the
+    gradients of the short conv's weight (3D, 1, K) and bias (3D,). Under torch.compile one reduction kernel."""
     K = weight.shape[-1]
+    sums = torch.cat([sums_q.sum(0), sums_av.sum(0)], dim=1)  # (KP, 3D)
     return sums[:K].t().reshape(weight.shape).to(weight.dtype), sums[K].to(bias.dtype)
 
 
