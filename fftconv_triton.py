@@ -15,9 +15,10 @@ so a row's FFT, the product with the filter's spectrum (in the same (k1, k2) lay
 run on the filter's rows by a small kernel) and the inverse FFT are 8 small real matmuls with everything in
 registers: one read of u, one write of y. N >= 2L, so the input is zero in rows n1 >= N1/2 (stage one uses half
 of F_N1) and only output rows n1 < N1/2 are kept (the last stage computes half, real part only). The backward is
-one kernel too: it transforms g = dL/dy once and writes grad_u = IDFT(G conj(K)) + D g (the correlation), and sums grad_k = sum_b IDFT(conj(U_b) G_b) and
-grad_D = sum_b,t g u over the batch in registers (up to FFT size TRITON_MERGED_BWD_MAX_N; above it grad_u is a
-second kernel, the forward's with conj(K), because the merged one spills registers there).
+one kernel too: it transforms g = dL/dy once and writes grad_u = IDFT(G conj(K)) + D g (the correlation), and
+sums grad_k = sum_b IDFT(conj(U_b) G_b) and grad_D = sum_b,t g u over the batch in registers (up to FFT size
+TRITON_MERGED_BWD_MAX_N; above it grad_u is a second kernel, the forward's with conj(K), because the merged one
+spills registers there).
 """
 import concurrent.futures
 import contextlib
