@@ -120,6 +120,22 @@ def test_compiled_operator_equals_eager():
     assert rel_err(compiled(x), op(x)) < 1e-5
 
 
+def test_compiled_filter_gradients_stay_fp32_under_bf16_autocast():
+    # the filter MLP runs with autocast disabled; a compiled backward must not run its matmuls in the step's bf16
+    f = HyenaFilter(16, l_max=64)
+    g = torch.randn(16, 64)
+
+    def grads(fn):
+        f.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            taps = fn(64)
+        (taps * g).sum().backward()  # outside autocast, as a training step's backward
+        return [p.grad.clone() for p in f.mlp.parameters()]
+    eager = grads(f)
+    compiled = grads(torch.compile(f, backend='aot_eager'))
+    assert max(rel_err(a, b) for a, b in zip(compiled, eager)) < 1e-5
+
+
 def test_model_trained_short_runs_long():
     cfg = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=16, hyena_layers=[0, 1], pos_emb=False)
     model = GPT(cfg)
