@@ -279,7 +279,8 @@ if triton is not None:
 
 def param_grads(sums_q, sums_av, weight, bias):
     """The backward kernels' partial sums, (programs, KP, D) for q and (programs, KP, 2D) for a and v -> the
-    gradients of the short conv's weight (3D, 1, K) and bias (3D,). Under torch.compile one reduction kernel."""
+    gradients of the short conv's weight (3D, 1, K) and bias (3D,). Under torch.compile the sums are two small
+    reductions inside the graph (as eager calls in the ops they cost 0.4 ms of the GPT-2-size 1K step)."""
     K = weight.shape[-1]
     sums = torch.cat([sums_q.sum(0), sums_av.sum(0)], dim=1)  # (KP, 3D)
     return sums[:K].t().reshape(weight.shape).to(weight.dtype), sums[K].to(bias.dtype)

@@ -27,8 +27,8 @@ import gates_triton
 # The filter MLP and the 'plain'/'fast' convolutions run in fp32 with autocast disabled. torch.compile (up to at
 # least 2.13) traces a backward pass under the autocast of its forward by default ('same_as_forward'), which ran
 # the filter MLP's backward matmuls in bf16 under a bf16 step, where eager autograd runs them in fp32 (pytorch
-# issues #179804, #153044). 'off' is eager's semantics, and later torch's default; the teacher's backward is the
-# same either way (checked on the graphs' matmul dtypes).
+# issues #179804, #153044). 'off' is eager's semantics (and the default that pytorch PR #177287 proposes); the
+# teacher's backward graph has the same matmul dtypes either way.
 if hasattr(torch._functorch.config, 'backward_pass_autocast'):
     torch._functorch.config.backward_pass_autocast = 'off'
 
