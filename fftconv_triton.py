@@ -394,12 +394,17 @@ def one_kernel(L):
     return _mfft_plan(L)[0] <= TRITON_MAX_N
 
 
+def device_of(x):
+    """The context a kernel launch on x's device runs in: that CUDA device current, or nothing on the CPU."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
     B, C, L = u.shape
     N1, N2 = kr.shape[1], kr.shape[2]
     y = torch.full_like(u, float('nan')) if _TRITON_POISON else torch.empty_like(u)
     grid = (C, -(-B // rows))
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+    with device_of(u):
         _mfft_conv_kernel[grid](u, y, kr, ki, d, *_mfft_consts(N1, N2, u.device), B, C, L, rows,
                                 N1=N1, N2=N2, PREC=prec, num_warps=warps)
     return y
@@ -408,7 +413,7 @@ def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
 def _mfft_spectrum_impl(k, n1, n2, prec, warps):
     C, Lk = k.shape
     kr, ki = (k.new_empty((C, n1, n2), dtype=torch.float32) for _ in range(2))
-    with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
+    with device_of(k):
         _mfft_spectrum_kernel[(C,)](k, kr, ki, *_mfft_consts(n1, n2, k.device), Lk, N1=n1, N2=n2, PREC=prec,
                                     num_warps=warps)
     return kr, ki
@@ -425,7 +430,7 @@ def _mfft_conv_bwd_impl(u, g, kr, ki, d, Lk, prec, rows, warps, grad_u):
     gu = make(u.shape if grad_u else (0,), device=u.device, dtype=u.dtype)
     gk = make((nb, C, Lk), device=u.device, dtype=torch.float32)  # the kernel writes every element
     gd = make((nb, C), device=u.device, dtype=torch.float32)
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+    with device_of(u):
         _mfft_conv_bwd_kernel[(C, nb)](u, g, gu if grad_u else g, gk, gd, kr, ki, d,  # (g: never written)
                                        *_mfft_consts(N1, N2, u.device), B, C, L, Lk, rows, N1=N1, N2=N2, PREC=prec,
                                        GRAD_U=grad_u, num_warps=warps)
@@ -440,7 +445,7 @@ def _mfft_rows_impl(a, k, C, H, mode, prec, rows, warps):
     z = torch.full_like(a, float('nan')) if _TRITON_POISON else torch.empty_like(a)
     z[:, 2 * H + 2:] = 0  # the padding rows meet the inverse matrix's zero columns: no NaN may hide there
     n_rows = R * (H + 1)
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+    with device_of(a):
         _mfft_rows_kernel[(-(-n_rows // rows),)](a, z, k, _outer_twiddles(H, Ni, a.device),
                                                  *_mfft_consts(N1, N2, a.device), n_rows, C, H, a.shape[1], rows,
                                                  N1=N1, N2=N2, MODE=mode, PREC=prec, num_warps=warps)
@@ -459,7 +464,7 @@ def _mfft_rows_grad_k_impl(au, ag, B, C, H, prec, rows, warps):
     make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
     s = make((nb, C, au.shape[1], Ni), device=au.device, dtype=_grad_k_dtype(au))
     s[:, :, 2 * H + 2:] = 0
-    with torch.cuda.device(au.device) if au.is_cuda else contextlib.nullcontext():
+    with device_of(au):
         _mfft_rows_grad_k_kernel[(C * (H + 1), nb)](au, ag, s, _outer_twiddles(H, Ni, au.device),
                                                     *_mfft_consts(N1, N2, au.device), B, C, H, au.shape[1], rows,
                                                     N1=N1, N2=N2, PREC=prec, num_warps=warps)

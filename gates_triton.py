@@ -19,12 +19,10 @@ graph when there is one); after both gates, one kernel applies the short convs' 
 writes the gradient of p whole (hyena.GatedConv runs the three steps as one autograd Function, so that autograd
 does not concatenate the streams' gradients in another pass).
 """
-import contextlib
-
 import torch
 
 import fftconv_triton
-from fftconv_triton import define_op, tl, triton
+from fftconv_triton import define_op, device_of, tl, triton
 
 # Each kernel's tile (time steps, channels) and warps per program: the fastest on the H200 (BENCHMARKS.md). The
 # backward kernels' fourth number: how many time tiles one program takes, summing the short conv's weight-gradient
@@ -193,15 +191,11 @@ def _launch(tiles, B, T, W):
     return (-(-B * t_blocks // launch.get('SUM_TILES', 1)), -(-W // block_c)), t_blocks, launch
 
 
-def _device(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _gate_in_impl(a, v, wa, ba, wv, bv):
     B, T, D = a.shape
     z = a.new_empty(B, D, T)
     grid, t_blocks, launch = _launch(TILES['gate_in'], B, T, D)
-    with _device(a):
+    with device_of(a):
         _gate_in_kernel[grid](a, v, wa, ba, wv, bv, z, T, D, t_blocks, a.stride(0), a.stride(1), v.stride(0),
                               v.stride(1), K=wa.shape[1], **launch)
     return z
@@ -211,7 +205,7 @@ def _gate_out_impl(y, q, wq, bq):
     B, T, D = q.shape
     o = q.new_empty(B, T, D)
     grid, t_blocks, launch = _launch(TILES['gate_out'], B, T, D)
-    with _device(q):
+    with device_of(q):
         _gate_out_kernel[grid](y, q, wq, bq, o, T, D, t_blocks, *y.stride(), q.stride(0), q.stride(1),
                                K=wq.shape[1], **launch)
     return o
@@ -230,7 +224,7 @@ def _short_conv_input_grad_impl(gs_q, gs_av, w):
     B, T, D = gs_q.shape
     gx = gs_q.new_empty(B, T, 3 * D)
     grid, t_blocks, launch = _launch(TILES['input_grad'], B, T, 3 * D)
-    with _device(gs_q):
+    with device_of(gs_q):
         _short_conv_input_grad_kernel[grid](gs_q, gs_av, w, gx, T, D, 3 * D, t_blocks, K=w.shape[1], **launch)
     return gx
 
@@ -241,7 +235,7 @@ def _gate_in_bwd_impl(gz, a, v, wa, ba, wv, bv, tiles):
     gs = a.new_empty(B, T, 2 * D)
     grid, t_blocks, launch = _launch(tiles, B, T, D)
     sums = _sums(tiles, a, K, 2 * D)
-    with _device(a):
+    with device_of(a):
         _gate_in_bwd_kernel[grid](gz, a, v, wa, ba, wv, bv, gs, sums, T, D, t_blocks, B * t_blocks, *gz.stride(),
                                   a.stride(0), a.stride(1), v.stride(0), v.stride(1), K=K, KP=sums.shape[1], **launch)
     return gs, sums
@@ -253,7 +247,7 @@ def _gate_out_bwd_impl(go, y, q, wq, bq, tiles):
     gy, gs = y.new_empty(B, D, T), q.new_empty(B, T, D)
     grid, t_blocks, launch = _launch(tiles, B, T, D)
     sums = _sums(tiles, q, K, D)
-    with _device(q):
+    with device_of(q):
         _gate_out_bwd_kernel[grid](go, y, q, wq, bq, gy, gs, sums, T, D, t_blocks, B * t_blocks, go.stride(0),
                                    go.stride(1), *y.stride(), q.stride(0), q.stride(1), K=K, KP=sums.shape[1],
                                    **launch)
