@@ -950,6 +950,8 @@ def main():
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"bench.py: unknown sections {unknown}; valid: {list(SECTIONS)}")
+    if compile_scope not in ('model', 'blocks'):
+        raise SystemExit(f"bench.py: compile_scope='{compile_scope}' is not one of model, blocks")
     torch.manual_seed(seed)
     if cpu_threads:
         torch.set_num_threads(cpu_threads)

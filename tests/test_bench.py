@@ -87,6 +87,13 @@ def test_bench_smoke_rows_cover_the_configured_shapes(smoke):
             assert isinstance(row[f'ms {v}'], float)
 
 
+def test_bench_rejects_an_unknown_compile_scope_in_one_line():
+    proc = subprocess.run([sys.executable, 'bench.py', '--device=cpu', '--compile_scope=layers'], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert "compile_scope='layers' is not one of model, blocks" in proc.stderr
+
+
 def test_parse_variant_and_kd_loss():
     import bench
     opts = bench.parse_variant('hyena-triton-bf16-pow2-compile')
