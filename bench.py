@@ -97,7 +97,8 @@ profile_top = 15
 compile = True  # torch.compile the training/distill steps on CUDA
 compile_scope = 'model'  # 'model': the whole model compiled, as train_teacher.py and distill.py compile it (the
 #                          lm_head and cross-entropy fused in: the teacher's 1K step 34.9 vs 41.6 ms, 3.0 vs 12.6 GB
-#                          on an H200); 'blocks': each Block compiled (identical blocks share one graph: faster)
+#                          on an H200); 'blocks': each Block compiled (identical blocks share one graph: faster;
+#                          the student's batched filters, GPT.filter_taps, then run eagerly outside them)
 # distill: teacher forward (no_grad) + student fwd/bwd/AdamW on alpha * T^2 * KL + (1 - alpha) * CE
 distill_block = 1024
 distill_tokens = 16384

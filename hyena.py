@@ -12,7 +12,7 @@ The order-N operator is the same recurrence with N-1 gates and N-1 filters; orde
 standard one, and its three projections line up with attention's q, k, v, which is what lets
 distill.py seed a Hyena layer from the attention layer it replaces.
 
-Public API: fftconv, HyenaFilter, HyenaOperator, filter_parameters.
+Public API: fftconv, HyenaFilter, HyenaOperator, filter_bank, filter_parameters.
 """
 import math
 
@@ -329,6 +329,31 @@ class HyenaFilter(nn.Module):
         return h.t()
 
 
+def filter_bank(filters, L):
+    """The taps of several HyenaFilters for positions 0..L-1, [(channels, L), ...] in their order, computed
+    together: their MLPs stacked into batched matmuls, so that a model's step runs the filters' small kernels (~35
+    forward and backward, each a few microseconds) once rather than once per layer (GPT.forward does this for its
+    Hyena layers). Filters of different shapes or lengths are computed one by one, as filter(L)."""
+    f0 = filters[0]
+    shape = lambda f: (f.l_max, f.decay_rates.shape, [tuple(p.shape) for p in f.parameters()])
+    if len(filters) < 2 or any(shape(f) != shape(f0) for f in filters):
+        return [f(L) for f in filters]
+    stack = lambda get: torch.stack([get(f) for f in filters])
+    with torch.autocast(device_type=f0.bias.device.type, enabled=False):
+        z, t = f0.features(L, f0.bias.device)  # the same for every filter of one shape
+        h = z.expand(len(filters), *z.shape)
+        for i, layer in enumerate(f0.mlp):
+            if isinstance(layer, Sin):
+                h = torch.sin(stack(lambda f: f.mlp[i].freq) * h)
+            elif layer.bias is None:
+                h = h @ stack(lambda f: f.mlp[i].weight).transpose(1, 2)
+            else:
+                h = torch.baddbmm(stack(lambda f: f.mlp[i].bias).unsqueeze(1), h,
+                                  stack(lambda f: f.mlp[i].weight).transpose(1, 2))
+        h = h * torch.exp(-t * stack(lambda f: f.decay_rates).unsqueeze(1))  # (filters, L, channels)
+    return list(h.transpose(1, 2).unbind(0))
+
+
 def filter_parameters(model):
     """Parameters of every HyenaFilter in model. Optimizers put these in their own group, with their
     own learning rate and no weight decay (as safari does): decay pulls the filter MLP toward a flat,
@@ -359,23 +384,25 @@ class HyenaOperator(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.modal = None  # a recurrent.ModalFilter once fitted (recurrent.fit_model): constant-memory decoding
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, taps=None):
         """x: (B, T, d_model). With a cache dict, the first call fills it (prefill) and later calls take
-        only the new tokens and cost O(T_seen * d_model) each instead of a pass over the prefix."""
+        only the new tokens and cost O(T_seen * d_model) each instead of a pass over the prefix. taps: this
+        operator's self.filter(T), when the caller computed it (filter_bank)."""
         if cache is not None and 'history' in cache:
             return self._step(x, cache)
         B, T, D = x.shape
         p = self.in_proj(x)
+        taps = self.filter(T) if taps is None else taps
         if (SHORT_CONV == 'fused' and cache is None and not (self.training and self.dropout.p > 0)
                 and gates_triton.applies(p, self.order, self.short_filter)):
-            k, skip = self.filter(T), self.filter.bias
+            k, skip = taps, self.filter.bias
             path = _conv_path(p[..., :D].transpose(1, 2), k, skip)  # a view of the convolution input's shape
             if path is not None:
                 return self.out_proj(GatedConv.apply(p, self.short_filter.weight, self.short_filter.bias, k, skip,
                                                      path))
         u = short_conv(p, self.short_filter)  # (B, (N+1)D, T), maybe a transposed view
         *gates, v = u.split(D, dim=1)
-        h = self.filter(T).view(self.order - 1, D, T)
+        h = taps.view(self.order - 1, D, T)
         skip = self.filter.bias.view(self.order - 1, D)
         conv_inputs = []
         for i, gate in enumerate(reversed(gates[1:])):

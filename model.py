@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hyena import HyenaOperator, filter_parameters
+from hyena import HyenaOperator, filter_bank, filter_parameters
 
 
 @dataclass
@@ -116,8 +116,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.mixer(self.ln_1(x), cache=cache)
+    def forward(self, x, cache=None, taps=None):
+        """taps: a Hyena mixer's long filter, computed by the model for all its layers at once (GPT.filter_taps)."""
+        h = self.ln_1(x)
+        x = x + (self.mixer(h, cache=cache) if taps is None else self.mixer(h, taps=taps))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -173,8 +175,9 @@ class GPT(nn.Module):
         cache: from new_cache(); the call then continues the cached sequence with idx."""
         start = cache['length'] if cache is not None else 0
         x = self.embed(idx, start)
+        taps = self.filter_taps(idx.size(1)) if cache is None else {}
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache=cache['layers'][i] if cache is not None else None)
+            x = block(x, cache=cache['layers'][i] if cache is not None else None, taps=taps.get(i))
         if cache is not None:
             cache['length'] += idx.size(1)
         x = self.transformer.ln_f(x)
@@ -185,6 +188,15 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
             return logits, loss
         return self.lm_head(x[:, -1:, :]), None
+
+    def filter_taps(self, T):
+        """{layer: its long filter's taps (channels, T)} for the Hyena layers, computed in one batch
+        (hyena.filter_bank): the 12-layer student's filter MLPs then take ~35 small kernels per step instead of ~35
+        per layer (0.5 ms of the 35 ms step at block 1024 on an H200, the model compiled whole; BENCHMARKS.md)."""
+        layers = [i for i, block in enumerate(self.transformer.h) if isinstance(block.mixer, HyenaOperator)]
+        if len(layers) < 2:
+            return {}
+        return dict(zip(layers, filter_bank([self.transformer.h[i].mixer.filter for i in layers], T)))
 
     def new_cache(self, max_len):
         """Per-layer decoding state for sequences of up to max_len tokens (see forward)."""

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hyena import HyenaFilter, HyenaOperator, fft_size, fftconv
+from hyena import HyenaFilter, HyenaOperator, fft_size, fftconv, filter_bank
 from model import GPT, GPTConfig
 
 
@@ -54,6 +54,43 @@ def test_fft_size_is_even_smooth_and_large_enough():
 def test_filter_prefix_property():
     f = HyenaFilter(8, l_max=64)
     assert torch.allclose(f(100), f(200)[:, :100], atol=1e-6)
+
+
+def test_filter_bank_gives_each_filters_taps_and_gradients():
+    filters = [HyenaFilter(8, l_max=64) for _ in range(3)]
+    g = torch.randn(3, 8, 50)
+
+    def taps_and_grads(fn):
+        for f in filters:
+            f.zero_grad()
+        taps = fn()
+        (torch.stack(taps) * g).sum().backward()
+        return taps + [p.grad for f in filters for p in f.mlp.parameters()]
+    banked = taps_and_grads(lambda: filter_bank(filters, 50))
+    alone = taps_and_grads(lambda: [f(50) for f in filters])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(banked, alone))
+
+
+def test_filter_bank_takes_filters_of_different_shapes_one_by_one():
+    filters = [HyenaFilter(8, l_max=64), HyenaFilter(16, l_max=64), HyenaFilter(8, l_max=32)]
+    assert [tuple(h.shape) for h in filter_bank(filters, 40)] == [(8, 40), (16, 40), (8, 40)]
+    assert torch.equal(filter_bank(filters, 40)[2], filters[2](40))
+
+
+def test_model_with_its_filters_in_one_batch_equals_one_filter_per_layer(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=3, n_head=2, n_embd=16, hyena_layers=[0, 2]))
+    idx = torch.randint(0, 50, (2, 33))
+
+    def loss_and_grads():
+        model.zero_grad()
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return [loss] + [p.grad.clone() for p in model.parameters()]
+    assert set(model.filter_taps(32)) == {0, 2}
+    batched = loss_and_grads()
+    monkeypatch.setattr(model, 'filter_taps', lambda T: {})  # each Hyena layer computes its own filter
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(batched, loss_and_grads()))
 
 
 def test_filter_features_are_not_degenerate():
