@@ -260,32 +260,36 @@ if triton is not None:
 
     @triton.jit
     def _mfft_rows_grad_k_kernel(au_ptr, ag_ptr, s_ptr, tw_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                                 B, C, H, P, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-                                 PREC: tl.constexpr):
-        """Program (c, ko), batch rows pb * ROWS ...: S[pb, c, ko] = twiddled inverse of sum_b conj(U[b, c, ko])
-        G[b, c, ko], with U and G the inner spectra of the outer-step rows of u and g (layout as
-        _mfft_rows_kernel); summed over pb and through the outer inverse matmul, the filter's gradient."""
+                                 B, C, H, P, ROWS: tl.constexpr, PAIRS: tl.constexpr, N1: tl.constexpr,
+                                 N2: tl.constexpr, PREC: tl.constexpr):
+        """Programs (PAIRS pairs (c, ko), batch rows pb * ROWS ...): S[pb, c, ko] = twiddled inverse of sum_b
+        conj(U[b, c, ko]) G[b, c, ko], with U and G the inner spectra of the outer-step rows of u and g (layout as
+        _mfft_rows_kernel); summed over pb and through the outer inverse matmul, the filter's gradient. Several
+        pairs per program when the batch is small, so that each program loads the DFT constants for ~16 rows."""
         F1r, F1i, F2r, F2i, Tr, Ti, mat = _mfft_full_consts(f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
                                                             N1, N2)
-        c = tl.program_id(0) // (H + 1)
-        ko = tl.program_id(0) % (H + 1)
         pb = tl.program_id(1)
         half = (H + 1) * (N1 * N2)
-        wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, half, N1 * N2)
-        sr = tl.zeros([N1, N2], dtype=tl.float32)
-        si = tl.zeros([N1, N2], dtype=tl.float32)
-        for j in range(ROWS):
-            b = pb * ROWS + j
-            mask = (mat >= 0) & (b < B)
-            off = ((b * C + c) * P + ko).to(tl.int64) * (N1 * N2) + mat
-            ur, ui = _mfft_load_row(au_ptr, off, half, mask, wr, wi)
-            ur, ui = _mfft_forward(ur, ui, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
-            gr, gi = _mfft_load_row(ag_ptr, off, half, mask, wr, wi)
-            gr, gi = _mfft_forward(gr, gi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
-            sr += ur * gr + ui * gi
-            si += ur * gi - ui * gr
-        off = ((pb * C + c) * P + ko).to(tl.int64) * (N1 * N2) + mat
-        _mfft_inverse_store(s_ptr, off, half, mat >= 0, sr, si, wr, wi, F1r, F1i, F2r, F2i, Tr, Ti, PREC)
+        for i in range(PAIRS):
+            q = tl.program_id(0) * PAIRS + i
+            c = q // (H + 1)
+            ko = q % (H + 1)
+            q_ok = (mat >= 0) & (c < C)
+            wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, half, N1 * N2)
+            sr = tl.zeros([N1, N2], dtype=tl.float32)
+            si = tl.zeros([N1, N2], dtype=tl.float32)
+            for j in range(ROWS):
+                b = pb * ROWS + j
+                mask = q_ok & (b < B)
+                off = ((b * C + c) * P + ko).to(tl.int64) * (N1 * N2) + mat
+                ur, ui = _mfft_load_row(au_ptr, off, half, mask, wr, wi)
+                ur, ui = _mfft_forward(ur, ui, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
+                gr, gi = _mfft_load_row(ag_ptr, off, half, mask, wr, wi)
+                gr, gi = _mfft_forward(gr, gi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
+                sr += ur * gr + ui * gi
+                si += ur * gi - ui * gr
+            off = ((pb * C + c) * P + ko).to(tl.int64) * (N1 * N2) + mat
+            _mfft_inverse_store(s_ptr, off, half, q_ok, sr, si, wr, wi, F1r, F1i, F2r, F2i, Tr, Ti, PREC)
 
 
 def in_dtype_of(y, u):
@@ -311,7 +315,7 @@ def _cached_constant(key, device, make):
     bookkeeping ("tensors in the cudagraph pool not tracked as outputs"); another thread allocates outside it."""
     if key not in _MFFT_CONSTS:
         def build():
-            out = tuple(t.float().contiguous().to(device) for t in make())
+            out = tuple(t.contiguous().to(device) for t in make())
             if out[0].is_cuda:
                 torch.cuda.synchronize(out[0].device)  # ready before any stream of the caller's reads it
             return out
@@ -328,7 +332,7 @@ def _mfft_consts(N1, N2, device):
         a1 = -2 * math.pi * torch.outer(j1, j1).remainder(N1) / N1
         a2 = -2 * math.pi * torch.outer(j2, j2).remainder(N2) / N2
         at = -2 * math.pi * torch.outer(j1, j2) / N
-        return a1.cos(), a1.sin(), a2.cos(), a2.sin(), at.cos(), at.sin()
+        return tuple(x.float() for x in (a1.cos(), a1.sin(), a2.cos(), a2.sin(), at.cos(), at.sin()))
     return _cached_constant((N1, N2, str(device)), device, make)
 
 
@@ -368,19 +372,24 @@ def _outer_matrices(H, Ni, device, dtype):
     """The outer DFT of a real input, its first H + 1 frequencies stacked as [cos; -sin] (P, H), and its inverse
     (H, P) for a Hermitian spectrum, y[n] = (1/N) sum_k w_k (Zr[k] cos - Zi[k] sin)(2 pi n k / 2H), with w_k = 2
     except at k = 0 and k = H, whose conjugate partners are themselves; P = _spectrum_rows(H), the rows (and
-    columns) past 2H + 2 zero. Built per call, not cached:
-    the autograd Function is traced by torch.compile, which rejects a cache filled inside it (and folds these
-    small constants anyway)."""
-    n = torch.arange(H, dtype=torch.float64, device=device)
-    f = torch.arange(H + 1, dtype=torch.float64, device=device)
-    angle = 2 * math.pi * torch.outer(f, n) / (2 * H)  # (H + 1, H)
-    forward = torch.cat([angle.cos(), -angle.sin()])
-    w = torch.where((f == 0) | (f == H), 1.0, 2.0).unsqueeze(1)
-    inverse = torch.cat([w * angle.cos(), -w * angle.sin()]).t() / (2 * H * Ni)
-    pad = _spectrum_rows(H) - (2 * H + 2)
-    forward = torch.nn.functional.pad(forward, (0, 0, 0, pad))
-    inverse = torch.nn.functional.pad(inverse, (0, pad))
-    return forward.to(dtype), inverse.contiguous().to(dtype)
+    columns) past 2H + 2 zero. Cached when eager: built per call, they were ~70 of an eager forward and backward's
+    ~100 small kernels, whose host time (6.4 ms at L = 16K on the H200) was three times the GPU's. Built per call
+    under torch.compile, which traces the autograd Function, rejects a cache filled inside it and folds these
+    small constants anyway."""
+    def make(on='cpu'):
+        n = torch.arange(H, dtype=torch.float64, device=on)
+        f = torch.arange(H + 1, dtype=torch.float64, device=on)
+        angle = 2 * math.pi * torch.outer(f, n) / (2 * H)  # (H + 1, H)
+        forward = torch.cat([angle.cos(), -angle.sin()])
+        w = torch.where((f == 0) | (f == H), 1.0, 2.0).unsqueeze(1)
+        inverse = torch.cat([w * angle.cos(), -w * angle.sin()]).t() / (2 * H * Ni)
+        pad = _spectrum_rows(H) - (2 * H + 2)
+        forward = torch.nn.functional.pad(forward, (0, 0, 0, pad))
+        inverse = torch.nn.functional.pad(inverse, (0, pad))
+        return forward.to(dtype), inverse.contiguous().to(dtype)
+    if torch.compiler.is_compiling():
+        return make(device)
+    return _cached_constant(('outer', H, Ni, str(device), dtype), device, make)
 
 
 def applies(u, k, D):
@@ -458,16 +467,20 @@ def _grad_k_dtype(au):
 
 
 def _mfft_rows_grad_k_impl(au, ag, B, C, H, prec, rows, warps):
+    """rows: rows per program, batch rows first; the rest of them go to more (c, ko) pairs per program."""
     Ni = au.shape[-1]
     N1, N2 = _inner_split(Ni)
+    pairs = max(1, rows // min(rows, B))
+    rows = min(rows, B)
     nb = -(-B // rows)
     make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
     s = make((nb, C, au.shape[1], Ni), device=au.device, dtype=_grad_k_dtype(au))
     s[:, :, 2 * H + 2:] = 0
     with device_of(au):
-        _mfft_rows_grad_k_kernel[(C * (H + 1), nb)](au, ag, s, _outer_twiddles(H, Ni, au.device),
-                                                    *_mfft_consts(N1, N2, au.device), B, C, H, au.shape[1], rows,
-                                                    N1=N1, N2=N2, PREC=prec, num_warps=warps)
+        _mfft_rows_grad_k_kernel[(-(-C * (H + 1) // pairs), nb)](au, ag, s, _outer_twiddles(H, Ni, au.device),
+                                                                 *_mfft_consts(N1, N2, au.device), B, C, H,
+                                                                 au.shape[1], rows, pairs, N1=N1, N2=N2, PREC=prec,
+                                                                 num_warps=warps)
     return s.sum(0) if nb > 1 else s.view(s.shape[1:])
 
 
@@ -545,7 +558,7 @@ def _outer_twiddles(H, Ni, device):
     def make():
         ko, n = torch.arange(H + 1, dtype=torch.float64), torch.arange(Ni, dtype=torch.float64)
         angle = -2 * math.pi * torch.outer(ko, n) / (2 * H * Ni)
-        return torch.stack([angle.cos(), angle.sin()]),
+        return torch.stack([angle.cos(), angle.sin()]).float(),
     return _cached_constant(('twiddle', H, Ni, str(device)), device, make)[0]
 
 
@@ -606,7 +619,7 @@ def four_step_backward(saved, cfg, needs, grad_y):
             grad_u = _outer_inverse(z, H, L).reshape(B, C, L).to(u.dtype)
         if needs[1] or (d_dtype is not None and needs[2]):
             u_rows = _outer_rows(u.reshape(B * C, L), H, Ni, spectrum.dtype)
-            s = torch.ops.hyena.mfft_rows_grad_k(u_rows, g_rows, B, C, H, prec, min(rows, B), warps)
+            s = torch.ops.hyena.mfft_rows_grad_k(u_rows, g_rows, B, C, H, prec, rows, warps)
             grad_taps = _outer_inverse(s, H, Lk)
             grad_k = grad_taps.to(k_dtype)
             grad_D = grad_taps[:, 0].to(d_dtype) if d_dtype is not None else None
