@@ -333,10 +333,12 @@ def filter_bank(filters, L):
     """The taps of several HyenaFilters for positions 0..L-1, [(channels, L), ...] in their order, computed
     together: their MLPs stacked into batched matmuls, so that a model's step runs the filters' small kernels (~35
     forward and backward, each a few microseconds) once rather than once per layer (GPT.forward does this for its
-    Hyena layers). Filters of different shapes or lengths are computed one by one, as filter(L)."""
+    Hyena layers). Filters of different shapes, or whose forward is not HyenaFilter.forward (a subclass, or a
+    forward replaced on the instance), are computed one by one, as filter(L)."""
     f0 = filters[0]
+    plain = lambda f: type(f) is HyenaFilter and 'forward' not in f.__dict__
     shape = lambda f: (f.l_max, f.decay_rates.shape, [tuple(p.shape) for p in f.parameters()])
-    if len(filters) < 2 or any(shape(f) != shape(f0) for f in filters):
+    if len(filters) < 2 or not all(plain(f) and shape(f) == shape(f0) for f in filters):
         return [f(L) for f in filters]
     stack = lambda get: torch.stack([get(f) for f in filters])
     with torch.autocast(device_type=f0.bias.device.type, enabled=False):

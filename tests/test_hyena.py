@@ -77,6 +77,12 @@ def test_filter_bank_takes_filters_of_different_shapes_one_by_one():
     assert torch.equal(filter_bank(filters, 40)[2], filters[2](40))
 
 
+def test_filter_bank_calls_a_filter_whose_forward_was_replaced():
+    filters = [HyenaFilter(8, l_max=64) for _ in range(2)]
+    filters[1].forward = lambda L: torch.ones(8, L)  # as tests/test_recurrent.py swaps in modal filters
+    assert torch.equal(filter_bank(filters, 10)[1], torch.ones(8, 10))
+
+
 def test_model_with_its_filters_in_one_batch_equals_one_filter_per_layer(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=3, n_head=2, n_embd=16, hyena_layers=[0, 2]))
