@@ -210,6 +210,13 @@ if triton is not None:
         return tl.load(tw_ptr + ko * NI + mat), tl.load(tw_ptr + half + ko * NI + mat)
 
     @triton.jit
+    def _mfft_outer_row(q, H, tw_ptr, mat, half, NI: tl.constexpr):
+        """Row q of the four-step layout: its signal r = q // (H + 1), its outer frequency ko and its twiddle."""
+        ko = q % (H + 1)
+        wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, half, NI)
+        return q // (H + 1), ko, wr, wi
+
+    @triton.jit
     def _mfft_load_row(a_ptr, off, half, mask, wr, wi):
         """Row (re at off, im at off + half) times the twiddle w, in fp32."""
         xr = tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -239,11 +246,9 @@ if triton is not None:
         half = (H + 1) * (N1 * N2)
         for j in range(ROWS):
             q = tl.program_id(0) * ROWS + j
-            r = q // (H + 1)
-            ko = q % (H + 1)
+            r, ko, wr, wi = _mfft_outer_row(q, H, tw_ptr, mat, half, N1 * N2)
             mask = (mat >= 0) & (q < n_rows)
             off = (r * P + ko).to(tl.int64) * (N1 * N2) + mat
-            wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, half, N1 * N2)
             xr, xi = _mfft_load_row(a_ptr, off, half, mask, wr, wi)
             cr, ci = _mfft_forward(xr, xi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
             if MODE == 'fft':
@@ -271,11 +276,8 @@ if triton is not None:
         pb = tl.program_id(1)
         half = (H + 1) * (N1 * N2)
         for i in range(PAIRS):
-            q = tl.program_id(0) * PAIRS + i
-            c = q // (H + 1)
-            ko = q % (H + 1)
+            c, ko, wr, wi = _mfft_outer_row(tl.program_id(0) * PAIRS + i, H, tw_ptr, mat, half, N1 * N2)
             q_ok = (mat >= 0) & (c < C)
-            wr, wi = _mfft_outer_twiddle(tw_ptr, ko, mat, half, N1 * N2)
             sr = tl.zeros([N1, N2], dtype=tl.float32)
             si = tl.zeros([N1, N2], dtype=tl.float32)
             for j in range(ROWS):
