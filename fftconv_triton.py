@@ -472,17 +472,17 @@ def _mfft_rows_grad_k_impl(au, ag, B, C, H, prec, rows, warps):
     """rows: rows per program, batch rows first; the rest of them go to more (c, ko) pairs per program."""
     Ni = au.shape[-1]
     N1, N2 = _inner_split(Ni)
-    pairs = max(1, rows // min(rows, B))
-    rows = min(rows, B)
-    nb = -(-B // rows)
+    batch_rows = min(rows, B)
+    pairs = rows // batch_rows
+    nb = -(-B // batch_rows)
     make = functools.partial(torch.full, fill_value=float('nan')) if _TRITON_POISON else torch.empty
     s = make((nb, C, au.shape[1], Ni), device=au.device, dtype=_grad_k_dtype(au))
     s[:, :, 2 * H + 2:] = 0
     with device_of(au):
         _mfft_rows_grad_k_kernel[(-(-C * (H + 1) // pairs), nb)](au, ag, s, _outer_twiddles(H, Ni, au.device),
                                                                  *_mfft_consts(N1, N2, au.device), B, C, H,
-                                                                 au.shape[1], rows, pairs, N1=N1, N2=N2, PREC=prec,
-                                                                 num_warps=warps)
+                                                                 au.shape[1], batch_rows, pairs, N1=N1, N2=N2,
+                                                                 PREC=prec, num_warps=warps)
     return s.sum(0) if nb > 1 else s.view(s.shape[1:])
 
 
