@@ -7,7 +7,9 @@ Results: markdown tables on stdout and in out_dir/bench.md, everything in out_di
 (rewritten after each section, so a run cut short still leaves what it measured).
 
     python bench.py                                   # all sections on the GPU (15-20 min on one H200)
-    python bench.py --sections="['mixer','fftconv']"  # a subset: env check mixer fftconv model profile distill generate
+    python bench.py --sections="['mixer','fftconv']"  # a subset: env check mixer fftconv kernels model profile
+                                                      # distill generate
+    python bench.py --sections="['env','kernels']" --kernel_sweep=True  # each Triton kernel; the gates' tiles swept
     python bench.py --quick=True --device=cpu         # CPU smoke run on tiny shapes (what the tests run)
     python bench.py --compile=False                   # eager training steps (compiling is the default on CUDA)
 
@@ -26,6 +28,7 @@ Variants are strings, so one call compares them all:
 """
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import os
@@ -38,13 +41,14 @@ import torch
 import torch.nn.functional as F
 
 import fftconv_triton
+import gates_triton
 import hyena
 from model import GPT, CausalSelfAttention, GPTConfig, cache_bytes
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out-bench'
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-sections = ['env', 'check', 'mixer', 'fftconv', 'model', 'profile', 'distill', 'generate']
+sections = ['env', 'check', 'mixer', 'fftconv', 'kernels', 'model', 'profile', 'distill', 'generate']
 quick = False  # tiny shapes for a CPU smoke run (keys given on the command line still win)
 seed = 1337
 cpu_threads = 0  # torch.set_num_threads on CPU (0: leave torch's default); quick runs use 1
@@ -79,6 +83,18 @@ fftconv_lengths = [1024, 1536, 2048, 3072, 4096, 6144, 8192, 16384, 65536]
 fftconv_tokens = 65536
 fftconv_variants = ['plain', 'fast', 'fast-pow2', 'triton', 'triton-bf16']
 copy_mb = 1024  # size of the device-to-device copy that measures the bandwidth ceiling
+# kernels: each Triton kernel of the fused bf16 student's operator alone, at the training step's shapes for
+# kernel_block (batch model_tokens // kernel_block, n_embd channels; one-kernel path, L <= triton_max_n / 2), timed
+# as CUDA-graph replays of kernel_reps back-to-back calls (GPU time, L2 warm: do_bench reads small launches high,
+# its host-side launch included); kernel_sweep: also time every gate-kernel tile below (gates_triton.TILES' choice;
+# ~400 tiles, minutes of compiling)
+kernel_block = 1024
+kernel_reps = 20
+kernel_sweep = False
+kernel_sweep_t = [8, 16, 32, 64]  # time steps per tile
+kernel_sweep_c = [32, 64, 128, 256]  # channels per tile
+kernel_sweep_warps = [1, 2, 4, 8]
+kernel_sweep_sums = [1, 2, 4]  # backward kernels: time tiles per program
 # model: a training step (fwd + bwd + fused AdamW), bf16 autocast
 model_blocks = [1024, 4096, 16384]
 model_tokens = 16384  # tokens per step: batch = model_tokens // block_size
@@ -119,8 +135,9 @@ gen_autocast = True  # bf16 autocast on CUDA
 QUICK = dict(cpu_threads=1, n_layer=2, n_head=4, n_embd=32, vocab_size=128, warmup_ms=1, rep_ms=5,
              check_lengths=[64, 100], check_batch=2, check_channels=8, check_op_length=64,
              mixer_lengths=[64, 128], mixer_tokens=256, fftconv_lengths=[64, 96], fftconv_tokens=256, copy_mb=16,
-             model_blocks=[32, 64], model_tokens=128, model_warmup=1, model_iters=2, profile_block=32,
-             profile_steps=1, profile_top=3,
+             kernel_block=64, kernel_reps=2, kernel_sweep_t=[16], kernel_sweep_c=[16, 32], kernel_sweep_warps=[1],
+             kernel_sweep_sums=[1, 2], model_blocks=[32, 64], model_tokens=128, model_warmup=1, model_iters=2,
+             profile_block=32, profile_steps=1, profile_top=3,
              distill_block=32, distill_tokens=128, gen_contexts=[16, 32], gen_new_tokens=4, gen_batch=2)
 
 from configurator import configure  # noqa: E402
@@ -703,6 +720,138 @@ def section_fftconv():
     return columns, rows, notes
 
 
+def kernel_us(fn):
+    """Microseconds per fn() call: on CUDA the median replay of a CUDA graph of kernel_reps calls (GPU time with
+    the L2 warm, no host launch cost), elsewhere (Triton's interpreter) bench_ms."""
+    if not CUDA:
+        return bench_ms(fn) * 1e3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and the kernel's compile) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(kernel_reps):
+            fn()
+    graph.replay()
+    times = [time_once(graph.replay) * 1e3 / kernel_reps for _ in range(20)]
+    del graph
+    return statistics.median(times)
+
+
+def gate_tiles(name):
+    """Every tile of the sweep for one gates_triton kernel (its entry in TILES first): (time steps, channels,
+    warps) and, for the backward kernels, time tiles per program; 8 to 64 elements of a tile per thread."""
+    default = gates_triton.TILES[name]
+    sums = kernel_sweep_sums if len(default) == 4 else [None]
+    tiles = [default]
+    for t, c, w, n in itertools.product(kernel_sweep_t, kernel_sweep_c, kernel_sweep_warps, sums):
+        tile = (t, c, w) if n is None else (t, c, w, n)
+        if 8 <= t * c // (32 * w) <= 64 and tile not in tiles:
+            tiles.append(tile)
+    return tiles
+
+
+def section_kernels():
+    """The fused bf16 student's Triton kernels one at a time, at a training step's shapes, against the bytes each
+    must move; with kernel_sweep, every gate kernel's tiles (the 'kernels (tile sweep)' table)."""
+    columns = ['kernel', 'launch', 'us', 'MB moved', 'GB/s', 'x floor']
+    names = ['spectrum', 'conv', 'conv backward', 'gate_in', 'gate_out', 'gate_in_bwd', 'gate_out_bwd', 'input_grad']
+    B, C, L = max(1, model_tokens // kernel_block), n_embd, kernel_block
+    why = triton_unavailable(parse_variant('hyena-triton-fused'))
+    if why or not fftconv_triton.one_kernel(L):
+        why = why or f'n/a: kernel_block={L} takes the four-step path'
+        return columns, [{'kernel': n, **{c: why for c in columns[1:]}} for n in names], []
+    bw = ENV['copy_GBps'] or (4300.0 if CUDA else 10.0)
+    dtype, prec = (torch.bfloat16, 'bf16') if CUDA else (torch.float32, 'ieee')  # the interpreter: fp32 dots only
+    spectrum_prec = fftconv_triton.SPECTRUM_DOT[prec]
+    _, N1, N2 = fftconv_triton._mfft_plan(L)
+    rows_per_program, warps = fftconv_triton._mfft_launch(B, 4)
+    merged_bwd = N1 * N2 <= fftconv_triton.TRITON_MERGED_BWD_MAX_N
+    torch.manual_seed(seed)
+
+    def act(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+    u, y, g = act(B, C, L), act(B, C, L), act(B, C, L)  # channel-major: the conv's input and output, a gradient
+    p, go, gs_q, gs_av = act(B, L, 3 * C), act(B, L, C), act(B, L, C), act(B, L, 2 * C)  # token-major
+    k, d = torch.randn(C, L, device=device) / math.sqrt(L), torch.randn(C, device=device)
+    kr, ki = fftconv_triton._mfft_spectrum_impl(k, N1, N2, spectrum_prec, 4)
+    K = 3  # HyenaOperator's short_filter_order
+    weight, bias = torch.randn(3 * C, 1, K, device=device) / 2, torch.randn(3 * C, device=device) / 10
+    (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, weight, bias)
+    tiles = gates_triton.TILES
+    launches = {
+        'spectrum': lambda: fftconv_triton._mfft_spectrum_impl(k, N1, N2, spectrum_prec, 4),
+        'conv': lambda: (fftconv_triton._mfft_conv_impl(u, kr, ki, d, prec, rows_per_program, warps),),
+        'conv backward': lambda: fftconv_triton._mfft_conv_bwd_impl(u, g, kr, ki, d, L, prec, rows_per_program,
+                                                                    warps, merged_bwd),
+        'gate_in': lambda: (gates_triton._gate_in_impl(a, v, wa, ba, wv, bv),),
+        'gate_out': lambda: (gates_triton._gate_out_impl(y, q, wq, bq),),
+        'gate_in_bwd': lambda: gates_triton._gate_in_bwd_impl(g, a, v, wa, ba, wv, bv, tiles['gate_in_bwd']),
+        'gate_out_bwd': lambda: gates_triton._gate_out_bwd_impl(go, y, q, wq, bq, tiles['gate_out_bwd']),
+        'input_grad': lambda: (gates_triton._short_conv_input_grad_impl(gs_q, gs_av, weight.view(-1, K)),),
+    }
+    # elements of (B, L, C) each kernel must read and write (filters, weights and partial sums: small)
+    streams = {'spectrum': 0, 'conv': 2, 'conv backward': 3 if merged_bwd else 2, 'gate_in': 3, 'gate_out': 3,
+               'gate_in_bwd': 5, 'gate_out_bwd': 5, 'input_grad': 6}
+    rows = []
+    for name in names:
+        launch = (f'{rows_per_program} rows, {warps} warps' if name.startswith('conv') else
+                  f'N = {N1} x {N2}' if name == 'spectrum' else str(tiles[name]))
+        row = {'kernel': name, 'launch': launch}
+        try:
+            nbytes = streams[name] * B * L * C * u.element_size()
+            if name == 'spectrum':  # k in, its spectrum out (fp32)
+                nbytes = C * L * 4 + 2 * C * N1 * N2 * 4
+            row['us'] = kernel_us(launches[name])
+            row.update({'MB moved': nbytes / 1e6, 'GB/s': nbytes / row['us'] / 1e3,
+                        'x floor': row['us'] / (nbytes / bw / 1e3)})
+        except Exception as e:
+            fill(row, columns, error_cell(e))
+        rows.append(row)
+    timer = f'CUDA-graph replays of {kernel_reps} back-to-back calls (median)' if CUDA else 'interpreted, host clock'
+    notes = [f'B={B}, L={L}, C={C}, {str(dtype)[6:]} activations, dots {prec}; us: {timer}',
+             f'floor: MB moved at {bw:.0f} GB/s (the copy bandwidth of env); conv backward '
+             + ('writes grad u too (FFT size <= TRITON_MERGED_BWD_MAX_N)' if merged_bwd else 'without grad u')]
+    if kernel_sweep:
+        RESULTS['sections']['kernels (tile sweep)'] = sweep_gate_tiles(launches)
+    free_memory()
+    return columns, rows, notes
+
+
+def sweep_gate_tiles(launches):
+    """Every gate kernel timed at every tile of gate_tiles, launches[name] run with gates_triton.TILES[name] set."""
+    columns = ['kernel', 'tiles timed', 'TILES', 'us', 'fastest tile', 'fastest us', 'speedup', 'max rel diff']
+    rows = []
+
+    def totals(outs):  # a backward kernel's partial sums (last output) compared by their total
+        return [x.float() for x in outs[:-1]] + [outs[-1].float().sum(0)] if len(outs) > 1 else [outs[0].float()]
+    for name in ('gate_in', 'gate_out', 'gate_in_bwd', 'gate_out_bwd', 'input_grad'):
+        default = gates_triton.TILES[name]
+        row = {'kernel': name, 'TILES': str(default)}
+        try:
+            ref = totals(launches[name]())
+            timed = []
+            for tile in gate_tiles(name):
+                gates_triton.TILES[name] = tile  # read when the launch is recorded into the graph
+                outs = totals(launches[name]())
+                diff = max(((x - r).abs().max() / r.abs().max()).item() for x, r in zip(outs, ref))
+                timed.append((kernel_us(launches[name]), tile, diff))
+            best = min(timed)
+            row.update({'tiles timed': len(timed), 'us': timed[0][0], 'fastest tile': str(best[1]),
+                        'fastest us': best[0], 'speedup': timed[0][0] / best[0],
+                        'max rel diff': max(t[2] for t in timed)})
+        except Exception as e:
+            fill(row, columns, error_cell(e))
+        finally:
+            gates_triton.TILES[name] = default
+        rows.append(row)
+    notes = ['tiles: (time steps, channels, warps[, time tiles per program]), TILES\' own first; max rel diff: the '
+             "largest difference of any tile's outputs from TILES' (backward: the partial sums' totals), over max |.|"]
+    return {'columns': columns, 'rows': rows, 'notes': notes}
+
 def section_model():
     """A training step of teacher vs student: fwd+bwd+AdamW, bf16 autocast, compiled on CUDA."""
     columns = ['block', 'batch', 'variant', 'ms/step', 'tokens/s', 'TFLOP/s', 'MFU', 'peak MB', 'student / teacher']
@@ -939,7 +1088,7 @@ def section_generate():
 
 
 SECTIONS = {'env': section_env, 'check': section_check, 'mixer': section_mixer, 'fftconv': section_fftconv,
-            'model': section_model, 'profile': section_profile, 'distill': section_distill,
+            'kernels': section_kernels, 'model': section_model, 'profile': section_profile, 'distill': section_distill,
             'generate': section_generate}
 
 
@@ -986,10 +1135,9 @@ def main():
             sec = {'error': error_cell(e), 'columns': [], 'rows': [], 'notes': []}
         sec['seconds'] = time.time() - t0
         RESULTS['sections'][name] = sec
-        # the check section adds its operator table under its own name: keep the printed order
-        extra = RESULTS['sections'].pop('check (operator)', None) if name == 'check' else None
-        if extra is not None:
-            RESULTS['sections']['check (operator)'] = extra
+        # a section may add tables of its own, 'name (...)': they follow it
+        extras = {k: RESULTS['sections'].pop(k) for k in list(RESULTS['sections']) if k.startswith(name + ' (')}
+        RESULTS['sections'].update(extras)
         save()
         print(f"\n## {name} ({sec['seconds']:.0f} s)\n", flush=True)
         if sec.get('error'):
@@ -998,9 +1146,11 @@ def main():
             print(md_table(sec['columns'], sec['rows']))
         for note in sec['notes']:
             print('-', note)
-        if extra is not None:
-            print('\n## check (operator)\n')
+        for extra_name, extra in extras.items():
+            print(f'\n## {extra_name}\n')
             print(md_table(extra['columns'], extra['rows']))
+            for note in extra['notes']:
+                print('-', note)
         sys.stdout.flush()
     print(f"\nwrote {os.path.join(out_dir, 'bench.json')} and bench.md in {time.time() - START:.0f} s")
 

@@ -104,7 +104,11 @@ if triton is not None:
         their load masks (an odd batch, or an odd ROWS, leaves the second row out)."""
         b0 = pb * ROWS + r
         base0 = (b0 * C + c).to(tl.int64) * L
-        return base0, base0 + C * L, (t < L) & (b0 < B), (t < L) & (b0 + 1 < B) & (r + 1 < ROWS)
+        # a row outside the batch (or this program's rows) gets length 0: one comparison per mask, since Triton
+        # 3.9's interpreter turns a tensor & a scalar bool into an int32 mask, which tl.load rejects
+        m0 = t < tl.where(b0 < B, L, 0)
+        m1 = t < tl.where(b0 + 1 < tl.minimum(B, (pb + 1) * ROWS), L, 0)
+        return base0, base0 + C * L, m0, m1
 
     @triton.jit
     def _mfft_conv_kernel(u_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
@@ -247,7 +251,7 @@ if triton is not None:
         for j in range(ROWS):
             q = tl.program_id(0) * ROWS + j
             r, ko, wr, wi = _mfft_outer_row(q, H, tw_ptr, mat, half, N1 * N2)
-            mask = (mat >= 0) & (q < n_rows)
+            mask = mat < tl.where(q < n_rows, N1 * N2, 0)  # one comparison: see _mfft_row_pair
             off = (r * P + ko).to(tl.int64) * (N1 * N2) + mat
             xr, xi = _mfft_load_row(a_ptr, off, half, mask, wr, wi)
             cr, ci = _mfft_forward(xr, xi, F1r, F1i, Tr, Ti, F2r, F2i, PREC)
@@ -277,12 +281,12 @@ if triton is not None:
         half = (H + 1) * (N1 * N2)
         for i in range(PAIRS):
             c, ko, wr, wi = _mfft_outer_row(tl.program_id(0) * PAIRS + i, H, tw_ptr, mat, half, N1 * N2)
-            q_ok = (mat >= 0) & (c < C)
+            q_ok = mat < tl.where(c < C, N1 * N2, 0)  # one comparison per mask: see _mfft_row_pair
             sr = tl.zeros([N1, N2], dtype=tl.float32)
             si = tl.zeros([N1, N2], dtype=tl.float32)
             for j in range(ROWS):
                 b = pb * ROWS + j
-                mask = q_ok & (b < B)
+                mask = mat < tl.where((c < C) & (b < B), N1 * N2, 0)
                 off = ((b * C + c) * P + ko).to(tl.int64) * (N1 * N2) + mat
                 ur, ui = _mfft_load_row(au_ptr, off, half, mask, wr, wi)
                 ur, ui = _mfft_forward(ur, ui, F1r, F1i, Tr, Ti, F2r, F2i, PREC)

@@ -29,6 +29,7 @@ EXPECTED_ROWS = {
     'check (operator)': 4,
     'mixer': 2,
     'fftconv': 2 * 5,
+    'kernels': 8,  # n/a on CPU: test_bench_kernels_section_in_the_interpreter runs them
     'model': 2 * 8,
     'profile': 4 * 3 + 4,  # top-3 kernels of teacher, student, attention, hyena-fast; the Triton ones: n/a on CPU
     'distill': 5,
@@ -85,6 +86,27 @@ def test_bench_smoke_rows_cover_the_configured_shapes(smoke):
     for row in s['mixer']['rows']:  # eager variants measured on CPU (times are numbers, never asserted on)
         for v in ('attention', 'hyena-plain', 'hyena-fast'):
             assert isinstance(row[f'ms {v}'], float)
+
+
+def test_bench_kernels_section_in_the_interpreter(tmp_path):
+    """The kernels section times every Triton kernel of the fused student and, with kernel_sweep, every gate tile,
+    whose outputs match TILES' (run by Triton's interpreter on CPU: the numbers are host times, never asserted)."""
+    pytest.importorskip('triton')
+    proc = subprocess.run([sys.executable, 'bench.py', '--quick=True', '--device=cpu', "--sections=['kernels']",
+                           '--kernel_sweep=True', f'--out_dir={tmp_path}'], cwd=REPO,
+                          env=dict(os.environ, TRITON_INTERPRET='1'), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / 'bench.json') as f:
+        sections = json.load(f)['sections']
+    assert [r['kernel'] for r in sections['kernels']['rows']] == [
+        'spectrum', 'conv', 'conv backward', 'gate_in', 'gate_out', 'gate_in_bwd', 'gate_out_bwd', 'input_grad']
+    for row in sections['kernels']['rows']:
+        assert all(isinstance(row[c], float) and row[c] > 0 for c in ('us', 'MB moved', 'GB/s', 'x floor')), row
+    sweep = sections['kernels (tile sweep)']['rows']
+    assert [r['kernel'] for r in sweep] == ['gate_in', 'gate_out', 'gate_in_bwd', 'gate_out_bwd', 'input_grad']
+    for row in sweep:
+        assert row['tiles timed'] >= 2 and isinstance(row['fastest us'], float), row
+        assert row['max rel diff'] < 1e-5, row  # fp32 in the interpreter: only the partial sums' order differs
 
 
 def test_bench_rejects_an_unknown_compile_scope_in_one_line():
