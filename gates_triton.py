@@ -16,8 +16,9 @@ is one kernel: a (BLOCK_T, BLOCK_C) tile of each stream is read once (the short 
 L1/L2) and the transposed tile written once. Its backward writes the gradients of the short convs' outputs and
 sums its program's share of their weight and bias gradients (param_grads adds the partials up, inside the compiled
 graph when there is one); after both gates, one kernel applies the short convs' transpose to all three streams and
-writes the gradient of p whole (hyena.GatedConv runs the three steps as one autograd Function, so that autograd
-does not concatenate the streams' gradients in another pass).
+writes the gradient of p whole (hyena.GatedConv runs in_proj and the three steps as one autograd Function, so that
+autograd does not concatenate the streams' gradients in another pass, and in_proj's bias gradient comes from the
+short conv's bias gradient without another pass over the gradient of p: input_bias_grad).
 """
 import torch
 
@@ -32,11 +33,11 @@ TILES = dict(gate_in=(16, 128, 1), gate_out=(16, 128, 2), gate_in_bwd=(16, 64, 1
              input_grad=(16, 128, 4))
 
 
-def applies(p, order, short_filter):
+def applies(x, order, short_filter):
     """Whether the fused path runs: hyena.SHORT_CONV == 'fused' (checked by the caller), an order-2 operator whose
-    short conv has a bias, and in_proj's output p on CUDA (or in the interpreter) with contiguous channels."""
-    return (triton is not None and order == 2 and short_filter.bias is not None and p.stride(-1) == 1
-            and (p.is_cuda or fftconv_triton._TRITON_INTERPRET))
+    short conv has a bias, and its input x on CUDA (or in the interpreter)."""
+    return (triton is not None and order == 2 and short_filter.bias is not None
+            and (x.is_cuda or fftconv_triton._TRITON_INTERPRET))
 
 
 if triton is not None:
@@ -277,7 +278,22 @@ def param_grads(sums_q, sums_av, weight, bias):
     reductions inside the graph (as eager calls in the ops they cost 0.4 ms of the GPT-2-size 1K step)."""
     K = weight.shape[-1]
     sums = torch.cat([sums_q.sum(0), sums_av.sum(0)], dim=1)  # (KP, 3D)
-    return sums[:K].t().reshape(weight.shape).to(weight.dtype), sums[K].to(bias.dtype)
+    # contiguous, the parameter's layout: in the compiled graph the reduction writes it so, where autograd would
+    # otherwise copy a transposed gradient into that layout in a kernel of its own
+    return sums[:K].t().contiguous().view(weight.shape).to(weight.dtype), sums[K].to(bias.dtype)
+
+
+def input_bias_grad(gs_q, gs_av, weight, bias_grad):
+    """The gradient of in_proj's bias (3D,), a bias on the short conv's input, given gs, the gradient of the conv's
+    output (its q and its (a, v) channels, (B, T, D) and (B, T, 2D)), the conv's weight w (3D, 1, K) and its bias
+    gradient S = sum_u gs[u]. Input step t reaches output t + s through tap K - 1 - s while t + s < T, so
+    sum_t dL/dp[t] = sum_s w[K - 1 - s] (S - sum_{u<s} gs[u]) = S sum_j w[j] - sum_{u<K-1} gs[u] sum_{j<K-1-u} w[j]:
+    it reads gs's first K - 1 steps, where summing dL/dp read all of (B, T, 3D)."""
+    K = weight.shape[-1]
+    w = weight.flatten(1).float()
+    heads = torch.cat([gs_q[:, :K - 1], gs_av[:, :K - 1]], dim=2).float().sum(0).t()  # (3D, min(T, K - 1))
+    reach = w.cumsum(1)[:, :K - 1].flip(1)[:, :heads.shape[1]]  # reach[:, u] = sum_{j<K-1-u} w[j]
+    return bias_grad.float() * w.sum(1) - (heads * reach).sum(1)
 
 
 def gates(p, weight, bias):

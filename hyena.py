@@ -211,34 +211,49 @@ class _Conv(torch.autograd.Function):
 
 
 class GatedConv(torch.autograd.Function):
-    """An order-2 operator between in_proj and out_proj with SHORT_CONV 'fused': o = gate_out(fftconv(gate_in(p)))
-    (gates_triton.py), p (B, T, 3D) in_proj's output, weight (3D, 1, K) and bias (3D,) the short conv's, k (D, Lk)
-    and D (D,) the long filter and its skip, path a key of _CONV_PATHS. One Function, so that its backward writes the
-    gradient of p with one kernel: as three Functions on p's three streams, autograd concatenated their gradients in
-    another pass over (B, T, 3D). Saves p, y and what the convolution saves; the gates recompute the short convs."""
+    """An order-2 operator from in_proj to out_proj's input with SHORT_CONV 'fused': p = in_proj(x), then
+    o = gate_out(fftconv(gate_in(p))) (gates_triton.py). x (B, T, d_model); w_in (3D, d_model) and b_in (3D,) or
+    None in_proj's; weight (3D, 1, K) and bias (3D,) the short conv's; k (D, Lk) and D (D,) the long filter and its
+    skip; path a key of _CONV_PATHS. One Function, so that its backward writes the gradient of p with one kernel (as
+    three Functions on p's three streams, autograd concatenated their gradients in another pass over (B, T, 3D)),
+    and in_proj inside it, so that b_in's gradient comes from the short conv's bias gradient
+    (gates_triton.input_bias_grad) where nn.Linear's backward read all of p's gradient again to sum it. Saves x and
+    in_proj's weight as autocast's linear would, p, y and what the convolution saves; the gates recompute the short
+    convs."""
 
     @staticmethod
-    def forward(ctx, p, weight, bias, k, D, path):
+    def forward(ctx, x, w_in, b_in, weight, bias, k, D, path):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x_in, w, b = (t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, w_in, b_in))
+        with torch.autocast(x.device.type, enabled=False):
+            p = F.linear(x_in, w, b)
         (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, weight, bias)
         z = torch.ops.hyena.gate_in(a, v, wa, ba, wv, bv)  # sc(x_1) * sc(v), (B, D, T)
         y, saved, cfg = _CONV_PATHS[path][0](z, k, D)
-        ctx.save_for_backward(p, weight, bias, y, *saved)
+        ctx.save_for_backward(x_in, w, p, weight, bias, y, *saved)
         ctx.path, ctx.cfg = path, cfg
+        ctx.dtypes = x.dtype, w_in.dtype, None if b_in is None else b_in.dtype
         return torch.ops.hyena.gate_out(y, q, wq, bq)  # y * sc(x_0), (B, T, D)
 
     @staticmethod
     def backward(ctx, go):
-        p, weight, bias, y, *saved = ctx.saved_tensors
+        x_in, w, p, weight, bias, y, *saved = ctx.saved_tensors
         (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, weight, bias)
         go = go.to(q.dtype)
         if go.stride(-1) != 1:  # the kernel reads channels contiguously
             go = go.contiguous()
         gy, gs_q, sums_q = torch.ops.hyena.gate_out_bwd(go, y, q, wq, bq, gates_triton.TILES['gate_out_bwd'])
-        gz, grad_k, grad_D = _CONV_PATHS[ctx.path][1](saved, ctx.cfg, (True,) + ctx.needs_input_grad[3:5], gy)
+        gz, grad_k, grad_D = _CONV_PATHS[ctx.path][1](saved, ctx.cfg, (True,) + ctx.needs_input_grad[5:7], gy)
         gs_av, sums_av = torch.ops.hyena.gate_in_bwd(gz.to(a.dtype), a, v, wa, ba, wv, bv,
                                                      gates_triton.TILES['gate_in_bwd'])
         grad_p = torch.ops.hyena.short_conv_input_grad(gs_q, gs_av, weight.view(weight.shape[0], -1))
-        return (grad_p,) + gates_triton.param_grads(sums_q, sums_av, weight, bias) + (grad_k, grad_D, None)
+        grad_weight, grad_bias = gates_triton.param_grads(sums_q, sums_av, weight, bias)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = (grad_p @ w).to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad_p.flatten(0, 1).t() @ x_in.flatten(0, 1)).to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = (gates_triton.input_bias_grad(gs_q, gs_av, weight, grad_bias).to(b_dtype)
+                  if ctx.needs_input_grad[2] else None)
+        return grad_x, grad_w, grad_b, grad_weight, grad_bias, grad_k, grad_D, None
 
 
 def short_conv(z, conv):
@@ -341,19 +356,21 @@ def filter_bank(filters, L):
     if len(filters) < 2 or not all(plain(f) and shape(f) == shape(f0) for f in filters):
         return [f(L) for f in filters]
     stack = lambda get: torch.stack([get(f) for f in filters])
+    # Feature-major, h (filters, features, L) = W @ h: each weight's gradient, grad_h @ h^T, then comes out in the
+    # weight's own (out, in) layout. Token-major (h @ W^T) it came out transposed, and autograd copied five
+    # gradients per layer into the parameters' layout in small kernels of their own.
     with torch.autocast(device_type=f0.bias.device.type, enabled=False):
         z, t = f0.features(L, f0.bias.device)  # the same for every filter of one shape
-        h = z.expand(len(filters), *z.shape)
+        h = z.t().expand(len(filters), *z.t().shape)
         for i, layer in enumerate(f0.mlp):
             if isinstance(layer, Sin):
-                h = torch.sin(stack(lambda f: f.mlp[i].freq) * h)
+                h = torch.sin(stack(lambda f: f.mlp[i].freq).transpose(1, 2) * h)
             elif layer.bias is None:
-                h = h @ stack(lambda f: f.mlp[i].weight).transpose(1, 2)
+                h = stack(lambda f: f.mlp[i].weight) @ h
             else:
-                h = torch.baddbmm(stack(lambda f: f.mlp[i].bias).unsqueeze(1), h,
-                                  stack(lambda f: f.mlp[i].weight).transpose(1, 2))
-        h = h * torch.exp(-t * stack(lambda f: f.decay_rates).unsqueeze(1))  # (filters, L, channels)
-    return list(h.transpose(1, 2).unbind(0))
+                h = torch.baddbmm(stack(lambda f: f.mlp[i].bias).unsqueeze(2), stack(lambda f: f.mlp[i].weight), h)
+        h = h * torch.exp(-t.t() * stack(lambda f: f.decay_rates).unsqueeze(2))  # (filters, channels, L)
+    return list(h.unbind(0))
 
 
 def filter_parameters(model):
@@ -393,15 +410,16 @@ class HyenaOperator(nn.Module):
         if cache is not None and 'history' in cache:
             return self._step(x, cache)
         B, T, D = x.shape
-        p = self.in_proj(x)
         taps = self.filter(T) if taps is None else taps
         if (SHORT_CONV == 'fused' and cache is None and not (self.training and self.dropout.p > 0)
-                and gates_triton.applies(p, self.order, self.short_filter)):
+                and type(self.in_proj) is nn.Linear  # GatedConv computes in_proj itself, from its parameters
+                and gates_triton.applies(x, self.order, self.short_filter)):
             k, skip = taps, self.filter.bias
-            path = _conv_path(p[..., :D].transpose(1, 2), k, skip)  # a view of the convolution input's shape
+            path = _conv_path(x.transpose(1, 2), k, skip)  # a view of the convolution input's shape (D = d_model)
             if path is not None:
-                return self.out_proj(GatedConv.apply(p, self.short_filter.weight, self.short_filter.bias, k, skip,
-                                                     path))
+                return self.out_proj(GatedConv.apply(x, self.in_proj.weight, self.in_proj.bias,
+                                                     self.short_filter.weight, self.short_filter.bias, k, skip, path))
+        p = self.in_proj(x)
         u = short_conv(p, self.short_filter)  # (B, (N+1)D, T), maybe a transposed view
         *gates, v = u.split(D, dim=1)
         h = taps.view(self.order - 1, D, T)

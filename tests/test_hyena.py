@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import gates_triton
 from hyena import HyenaFilter, HyenaOperator, fft_size, fftconv, filter_bank
 from model import GPT, GPTConfig
 
@@ -191,3 +192,26 @@ def test_model_trained_short_runs_long():
         opt.step()
     logits, _ = model(torch.randint(0, 50, (1, 1024)), torch.randint(0, 50, (1, 1024)))
     assert logits.shape == (1, 1024, 50) and torch.isfinite(logits).all()
+
+
+def test_filter_bank_gradients_arrive_in_the_parameters_layout():
+    # otherwise autograd copies each into the parameter's layout, a small kernel per weight per step
+    filters = [HyenaFilter(8, l_max=64) for _ in range(3)]
+    mismatched = []
+    for p in (p for f in filters for p in f.parameters()):
+        p.register_hook(lambda g, p=p: mismatched.append(g.stride()) if g.stride() != p.stride() else None)
+    sum(h.square().sum() for h in filter_bank(filters, 50)).backward()
+    assert mismatched == []
+
+
+@pytest.mark.parametrize('T, K', [(20, 3), (2, 4), (1, 3), (9, 1)])
+def test_in_projs_bias_gradient_comes_from_the_short_convs_bias_gradient(T, K):
+    # the fused path's shortcut (gates_triton.input_bias_grad) against autograd through the causal short conv,
+    # also where T < K - 1 (the conv's zero padding reaches every output step)
+    B, D = 3, 4
+    p = torch.randn(B, T, 3 * D, requires_grad=True)
+    weight, gs = torch.randn(3 * D, 1, K), torch.randn(B, T, 3 * D)
+    sc = torch.nn.functional.conv1d(p.transpose(1, 2), weight, padding=K - 1, groups=3 * D)[..., :T]
+    sc.backward(gs.transpose(1, 2))
+    got = gates_triton.input_bias_grad(gs[..., :D], gs[..., D:], weight, gs.sum((0, 1)))
+    assert torch.allclose(got, p.grad.sum((0, 1)), atol=1e-5)
