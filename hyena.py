@@ -47,7 +47,8 @@ SHORT_CONV = 'auto'     # short_conv(): 'conv1d' (cuDNN depthwise), 'shift' (K s
 #                         torch.compile fuses with the gates and transposes), 'auto' (shift when compiling),
 #                         'fused' (order 2 on CUDA, FFTCONV_IMPL 'fast' or 'triton', no dropout while training:
 #                         the short convs and gates around the long convolution in Triton kernels, gates_triton.py,
-#                         with the convolution in one autograd Function, GatedConv; 'auto' elsewhere)
+#                         with in_proj and the convolution in one autograd Function, GatedConv, where in_proj
+#                         is a plain nn.Linear; 'auto' elsewhere)
 
 
 def fft_size(n, mode=None):

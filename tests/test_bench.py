@@ -350,6 +350,17 @@ TRITON_SCRIPT = textwrap.dedent('''
         torch._dynamo.reset()
         compiled = outputs_and_grads(torch.compile(op, backend='aot_eager', fullgraph=True), op, x, g)
         assert all(torch.equal(a, b) for a, b in zip(compiled, eager)), (impl, T)
+    # GatedConv computes in_proj from its parameters, so an in_proj of another type (a LoRA wrapper, say) takes the
+    # torch path, which calls it
+    class Logged(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(x.shape)
+            return super().forward(x)
+    calls, fused = [], op(x)
+    wrapped = Logged(16, 48)
+    wrapped.load_state_dict(op.in_proj.state_dict())
+    op.in_proj = wrapped
+    assert rel(op(x), fused) < 1e-5 and len(calls) == 1
     fftconv_triton.TRITON_MAX_N = 4096
     print('TRITON_OK', worst)
 ''')
