@@ -362,7 +362,7 @@ def filter_bank(filters, L):
     # gradients per layer into the parameters' layout in small kernels of their own.
     with torch.autocast(device_type=f0.bias.device.type, enabled=False):
         z, t = f0.features(L, f0.bias.device)  # the same for every filter of one shape
-        h = z.t().expand(len(filters), *z.t().shape)
+        h = z.t().expand(len(filters), -1, -1)
         for i, layer in enumerate(f0.mlp):
             if isinstance(layer, Sin):
                 h = torch.sin(stack(lambda f: f.mlp[i].freq).transpose(1, 2) * h)
