@@ -236,6 +236,17 @@ def bench_ms(fn, grad_to_none=None):
     return statistics.median(times)
 
 
+def queued_ms(fn, iters):
+    """Mean ms of fn() over iters runs queued back to back with one sync at the end: the rate of the training
+    loops, whose host never waits on the GPU between steps (training.GuardedStep)."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
 def time_steps(fn, warmup, iters):
     """Median ms of fn() over iters runs after warmup runs (for steps too long for do_bench's repeats)."""
     for _ in range(warmup):
@@ -781,7 +792,7 @@ def section_kernels():
     K = 3  # HyenaOperator's short_filter_order
     weight, bias = torch.randn(3 * C, 1, K, device=device) / 2, torch.randn(3 * C, device=device) / 10
     (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, weight, bias)
-    tiles = gates_triton.TILES
+    tiles, atomic = gates_triton.TILES, gates_triton.atomic_sums()
     launches = {
         'spectrum': lambda: fftconv_triton._mfft_spectrum_impl(k, N1, N2, spectrum_prec, 4),
         'conv': lambda: (fftconv_triton._mfft_conv_impl(u, kr, ki, d, prec, rows_per_program, warps),),
@@ -789,8 +800,9 @@ def section_kernels():
                                                                     warps, merged_bwd),
         'gate_in': lambda: (gates_triton._gate_in_impl(a, v, wa, ba, wv, bv),),
         'gate_out': lambda: (gates_triton._gate_out_impl(y, q, wq, bq),),
-        'gate_in_bwd': lambda: gates_triton._gate_in_bwd_impl(g, a, v, wa, ba, wv, bv, tiles['gate_in_bwd']),
-        'gate_out_bwd': lambda: gates_triton._gate_out_bwd_impl(go, y, q, wq, bq, tiles['gate_out_bwd']),
+        'gate_in_bwd': lambda: gates_triton._gate_in_bwd_impl(g, a, v, wa, ba, wv, bv, tiles['gate_in_bwd'],
+                                                              atomic),
+        'gate_out_bwd': lambda: gates_triton._gate_out_bwd_impl(go, y, q, wq, bq, tiles['gate_out_bwd'], atomic),
         'input_grad': lambda: (gates_triton._short_conv_input_grad_impl(gs_q, gs_av, weight.view(-1, K)),),
     }
     # elements of (B, L, C) each kernel must read and write (filters, weights and partial sums: small)
@@ -854,31 +866,35 @@ def sweep_gate_tiles(launches):
 
 def section_model():
     """A training step of teacher vs student: fwd+bwd+AdamW, bf16 autocast, compiled on CUDA."""
-    columns = ['block', 'batch', 'variant', 'ms/step', 'tokens/s', 'TFLOP/s', 'MFU', 'peak MB', 'student / teacher']
+    columns = ['block', 'batch', 'variant', 'ms/step', 'tokens/s', 'TFLOP/s', 'MFU', 'peak MB', 'student / teacher',
+               'ms/step queued', 'queued student / teacher']
     rows = []
     for block in model_blocks:
         batch = max(1, model_tokens // block)
-        teacher_tps = None
+        teacher_tps = teacher_queued = None
         for opts, row in runnable_variants(model_variants, columns, rows, block=block, batch=batch):
             try:
                 with hyena_settings(opts):
-                    ms, peak, model = train_step_timing(opts, block, batch)
+                    ms, queued, peak, model = train_step_timing(opts, block, batch)
                 tps = batch * block / (ms / 1e3)
                 mfu = model.estimate_mfu(batch, ms / 1e3, seq_len=block)
                 row.update({'ms/step': ms, 'tokens/s': tps,
                             'TFLOP/s': model.flops_per_token(block) * tps / 1e12,
                             'MFU': mfu if mfu is not None else 'n/a: unknown peak', 'peak MB': peak})
                 if opts['kind'] == 'teacher':
-                    teacher_tps = tps
-                row['student / teacher'] = tps / teacher_tps if teacher_tps and opts['kind'] == 'student' else '-'
+                    teacher_tps, teacher_queued = tps, queued
+                student = opts['kind'] == 'student' and teacher_tps
+                row.update({'student / teacher': tps / teacher_tps if student else '-', 'ms/step queued': queued,
+                            'queued student / teacher': teacher_queued / queued if student else '-'})
                 del model
             except Exception as e:
                 fill(row, columns, error_cell(e))
             free_memory()
     notes = [f'GPT-2 124M shape ({n_layer} layers, {n_head} heads, {n_embd} wide, vocab {vocab_size}); student: '
              f'every layer Hyena (order 2); ~{model_tokens} tokens/step; fused AdamW; compile={compile and CUDA} '
-             f'({compile_scope}); ms: median of {model_iters} steps after {model_warmup} warm-up steps; MFU from '
-             'model.estimate_mfu (flops_per_token, bf16 dense peak); peak MB: whole step incl. weights and AdamW state.']
+             f'({compile_scope}); ms: median of {model_iters} steps after {model_warmup} warm-up steps, each timed '
+             f'alone (CUDA events, then a sync); queued: the mean of {model_iters} steps queued back to back, one sync '
+             'at the end, as the training loops run them; MFU from model.estimate_mfu (flops_per_token, bf16 dense peak); peak MB: whole step incl. weights and AdamW state.']
     return columns, rows, notes
 
 
@@ -904,8 +920,9 @@ def build_train_step(opts, block, batch):
 def train_step_timing(opts, block, batch):
     step, model = build_train_step(opts, block, batch)
     ms = time_steps(step, model_warmup, model_iters)
+    queued = queued_ms(step, model_iters)
     peak = peak_mb(step, absolute=True)
-    return ms, peak, model
+    return ms, queued, peak, model
 
 
 def section_profile():
