@@ -792,7 +792,7 @@ def section_kernels():
     K = 3  # HyenaOperator's short_filter_order
     weight, bias = torch.randn(3 * C, 1, K, device=device) / 2, torch.randn(3 * C, device=device) / 10
     (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, weight, bias)
-    tiles, atomic = gates_triton.TILES, gates_triton.atomic_sums()
+    tiles = gates_triton.TILES
     launches = {
         'spectrum': lambda: fftconv_triton._mfft_spectrum_impl(k, N1, N2, spectrum_prec, 4),
         'conv': lambda: (fftconv_triton._mfft_conv_impl(u, kr, ki, d, prec, rows_per_program, warps),),
@@ -800,9 +800,8 @@ def section_kernels():
                                                                     warps, merged_bwd),
         'gate_in': lambda: (gates_triton._gate_in_impl(a, v, wa, ba, wv, bv),),
         'gate_out': lambda: (gates_triton._gate_out_impl(y, q, wq, bq),),
-        'gate_in_bwd': lambda: gates_triton._gate_in_bwd_impl(g, a, v, wa, ba, wv, bv, tiles['gate_in_bwd'],
-                                                              atomic),
-        'gate_out_bwd': lambda: gates_triton._gate_out_bwd_impl(go, y, q, wq, bq, tiles['gate_out_bwd'], atomic),
+        'gate_in_bwd': lambda: gates_triton._gate_in_bwd_impl(g, a, v, wa, ba, wv, bv, tiles['gate_in_bwd']),
+        'gate_out_bwd': lambda: gates_triton._gate_out_bwd_impl(go, y, q, wq, bq, tiles['gate_out_bwd']),
         'input_grad': lambda: (gates_triton._short_conv_input_grad_impl(gs_q, gs_av, weight.view(-1, K)),),
     }
     # elements of (B, L, C) each kernel must read and write (filters, weights and partial sums: small)

@@ -78,14 +78,11 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _store_sums(acc, sums_ptr, c, c_ok, W, K: tl.constexpr, KP: tl.constexpr, ATOMIC: tl.constexpr):
-        """This program's sums acc[j, c], j <= K: added into sums[0, j, c] (ATOMIC) or stored as sums[program, j, c]."""
+    def _store_sums(acc, sums_ptr, c, c_ok, W, K: tl.constexpr, KP: tl.constexpr):
+        """This program's partial sums: sums[program, j, c] = acc[j, c], j <= K."""
         tap = tl.arange(0, KP)[:, None]
-        mask = (tap <= K) & c_ok[None, :]
-        if ATOMIC:
-            tl.atomic_add(sums_ptr + tap * W + c[None, :], acc, mask=mask, sem='relaxed')
-        else:
-            tl.store(sums_ptr + tl.program_id(0) * (K + 1) * W + tap * W + c[None, :], acc, mask=mask)
+        tl.store(sums_ptr + tl.program_id(0) * (K + 1) * W + tap * W + c[None, :], acc,
+                 mask=(tap <= K) & c_ok[None, :])
 
     @triton.jit
     def _gate_in_kernel(a_ptr, v_ptr, wa_ptr, ba_ptr, wv_ptr, bv_ptr, z_ptr, T, D, t_blocks, a_sb, a_st, v_sb, v_st,
@@ -114,11 +111,10 @@ if triton is not None:
     @triton.jit
     def _gate_in_bwd_kernel(gz_ptr, a_ptr, v_ptr, wa_ptr, ba_ptr, wv_ptr, bv_ptr, gs_ptr, sums_ptr, T, D, t_blocks,
                             n_tiles, gz_sb, gz_sc, gz_st, a_sb, a_st, v_sb, v_st, K: tl.constexpr, KP: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_TILES: tl.constexpr,
-                            ATOMIC: tl.constexpr):
+                            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_TILES: tl.constexpr):
         """Given gz = dL/dz (B, D, T): the gradients of sc(a) and sc(v), gz^T * sc(v) and gz^T * sc(a), into
-        gs (B, T, 2D), and both short convs' weight and bias gradients summed over this program's SUM_TILES tiles
-        into sums (_sums: (., K + 1, 2D), a's channels first)."""
+        gs (B, T, 2D), and the partial sums of both short convs' weight and bias gradients over this program's
+        SUM_TILES tiles into sums (programs, K + 1, 2D), a's channels first."""
         c = _channels(BLOCK_C)
         c_ok = c < D
         acc_a = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
@@ -136,17 +132,16 @@ if triton is not None:
             tl.store(out + D, gs_v.to(gs_ptr.dtype.element_ty), mask=mask)
             acc_a = _weight_grad_sums(acc_a, gs_a, a_ptr, b * a_sb, t, c, c_ok, T, a_st, K, KP)
             acc_v = _weight_grad_sums(acc_v, gs_v, v_ptr, b * v_sb, t, c, c_ok, T, v_st, K, KP)
-        _store_sums(acc_a, sums_ptr, c, c_ok, 2 * D, K, KP, ATOMIC)
-        _store_sums(acc_v, sums_ptr + D, c, c_ok, 2 * D, K, KP, ATOMIC)
+        _store_sums(acc_a, sums_ptr, c, c_ok, 2 * D, K, KP)
+        _store_sums(acc_v, sums_ptr + D, c, c_ok, 2 * D, K, KP)
 
     @triton.jit
     def _gate_out_bwd_kernel(go_ptr, y_ptr, q_ptr, wq_ptr, bq_ptr, gy_ptr, gs_ptr, sums_ptr, T, D, t_blocks, n_tiles,
                              go_sb, go_st, y_sb, y_sc, y_st, q_sb, q_st, K: tl.constexpr, KP: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_TILES: tl.constexpr,
-                             ATOMIC: tl.constexpr):
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_TILES: tl.constexpr):
         """Given go = dL/do (B, T, D): gy = go^T * sc(q) (B, D, T), the gradient of sc(q), go * y^T, into gs
-        (B, T, D), and the short conv's weight and bias gradients summed over this program's SUM_TILES tiles into
-        sums (_sums: (., K + 1, D))."""
+        (B, T, D), and the partial sums of the short conv's weight and bias gradients over this program's
+        SUM_TILES tiles into sums (programs, K + 1, D)."""
         c = _channels(BLOCK_C)
         c_ok = c < D
         acc = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
@@ -163,7 +158,7 @@ if triton is not None:
             gs = go * y
             tl.store(gs_ptr + (b * T + t[:, None]) * D + c[None, :], gs.to(gs_ptr.dtype.element_ty), mask=mask)
             acc = _weight_grad_sums(acc, gs, q_ptr, b * q_sb, t, c, c_ok, T, q_st, K, KP)
-        _store_sums(acc, sums_ptr, c, c_ok, D, K, KP, ATOMIC)
+        _store_sums(acc, sums_ptr, c, c_ok, D, K, KP)
 
     @triton.jit
     def _short_conv_input_grad_kernel(gs1_ptr, gs2_ptr, w_ptr, gx_ptr, T, W1, W, t_blocks, K: tl.constexpr,
@@ -198,13 +193,6 @@ def _launch(tiles, B, T, W):
     return (-(-B * t_blocks // launch.get('SUM_TILES', 1)), -(-W // block_c)), t_blocks, launch
 
 
-def atomic_sums():
-    """Whether the backward kernels add their weight-gradient sums into one buffer with atomics (the order of the
-    additions, hence the last bits, vary from run to run) or, under torch.use_deterministic_algorithms, write one
-    row of partial sums per program for param_grads to add up in a fixed order."""
-    return not torch.are_deterministic_algorithms_enabled()
-
-
 def _gate_in_impl(a, v, wa, ba, wv, bv):
     B, T, D = a.shape
     z = a.new_empty(B, D, T)
@@ -225,12 +213,9 @@ def _gate_out_impl(y, q, wq, bq):
     return o
 
 
-def _sums(tiles, atomic, x, K, W):
-    """The buffer for the weight and bias gradients' sums that a backward kernel run with tiles writes for input x
-    (B, T, .): fp32 (1, K + 1, W), zeroed, where its programs add into it (atomic), else (programs, K + 1, W), one
-    row per program; param_grads adds the rows up."""
-    if atomic:
-        return x.new_zeros((1, K + 1, W), dtype=torch.float32)
+def _sums(tiles, x, K, W):
+    """The per-program partial sums of the weight and bias gradients that a backward kernel run with tiles writes
+    for input x (B, T, .): (programs, K + 1, W) fp32; param_grads adds them up."""
     grid, _, _ = _launch(tiles, x.shape[0], x.shape[1], 1)
     return x.new_empty((grid[0], K + 1, W), dtype=torch.float32)
 
@@ -246,29 +231,29 @@ def _short_conv_input_grad_impl(gs_q, gs_av, w):
     return gx
 
 
-def _gate_in_bwd_impl(gz, a, v, wa, ba, wv, bv, tiles, atomic):
+def _gate_in_bwd_impl(gz, a, v, wa, ba, wv, bv, tiles):
     B, T, D = a.shape
     K = wa.shape[1]
     gs = a.new_empty(B, T, 2 * D)
     grid, t_blocks, launch = _launch(tiles, B, T, D)
-    sums = _sums(tiles, atomic, a, K, 2 * D)
+    sums = _sums(tiles, a, K, 2 * D)
     with device_of(a):
         _gate_in_bwd_kernel[grid](gz, a, v, wa, ba, wv, bv, gs, sums, T, D, t_blocks, B * t_blocks, *gz.stride(),
                                   a.stride(0), a.stride(1), v.stride(0), v.stride(1), K=K, KP=1 << K.bit_length(),
-                                  ATOMIC=atomic, **launch)
+                                  **launch)
     return gs, sums
 
 
-def _gate_out_bwd_impl(go, y, q, wq, bq, tiles, atomic):
+def _gate_out_bwd_impl(go, y, q, wq, bq, tiles):
     B, T, D = q.shape
     K = wq.shape[1]
     gy, gs = y.new_empty(B, D, T), q.new_empty(B, T, D)
     grid, t_blocks, launch = _launch(tiles, B, T, D)
-    sums = _sums(tiles, atomic, q, K, D)
+    sums = _sums(tiles, q, K, D)
     with device_of(q):
         _gate_out_bwd_kernel[grid](go, y, q, wq, bq, gy, gs, sums, T, D, t_blocks, B * t_blocks, go.stride(0),
                                    go.stride(1), *y.stride(), q.stride(0), q.stride(1), K=K, KP=1 << K.bit_length(),
-                                   ATOMIC=atomic, **launch)
+                                   **launch)
     return gy, gs, sums
 
 
@@ -277,23 +262,22 @@ if triton is not None:
               lambda a, v, wa, ba, wv, bv: a.new_empty(a.shape[0], a.shape[2], a.shape[1]))
     define_op('gate_out(Tensor y, Tensor q, Tensor wq, Tensor bq) -> Tensor', _gate_out_impl,
               lambda y, q, wq, bq: q.new_empty(q.shape))
-    define_op('gate_out_bwd(Tensor go, Tensor y, Tensor q, Tensor wq, Tensor bq, int[] tiles, bool atomic) '
+    define_op('gate_out_bwd(Tensor go, Tensor y, Tensor q, Tensor wq, Tensor bq, int[] tiles) '
               '-> (Tensor, Tensor, Tensor)', _gate_out_bwd_impl,
-              lambda go, y, q, wq, bq, tiles, atomic: (y.new_empty(y.shape), q.new_empty(q.shape),
-                                                       _sums(tiles, atomic, q, wq.shape[1], q.shape[2])))
-    define_op('gate_in_bwd(Tensor gz, Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv, int[] tiles, '
-              'bool atomic) -> (Tensor, Tensor)', _gate_in_bwd_impl,
-              lambda gz, a, v, wa, ba, wv, bv, tiles, atomic: (
-                  a.new_empty(a.shape[0], a.shape[1], 2 * a.shape[2]),
-                  _sums(tiles, atomic, a, wa.shape[1], 2 * a.shape[2])))
+              lambda go, y, q, wq, bq, tiles: (y.new_empty(y.shape), q.new_empty(q.shape),
+                                               _sums(tiles, q, wq.shape[1], q.shape[2])))
+    define_op('gate_in_bwd(Tensor gz, Tensor a, Tensor v, Tensor wa, Tensor ba, Tensor wv, Tensor bv, int[] tiles) '
+              '-> (Tensor, Tensor)', _gate_in_bwd_impl,
+              lambda gz, a, v, wa, ba, wv, bv, tiles: (a.new_empty(a.shape[0], a.shape[1], 2 * a.shape[2]),
+                                                       _sums(tiles, a, wa.shape[1], 2 * a.shape[2])))
     define_op('short_conv_input_grad(Tensor gs_q, Tensor gs_av, Tensor w) -> Tensor', _short_conv_input_grad_impl,
               lambda gs_q, gs_av, w: gs_q.new_empty(gs_q.shape[0], gs_q.shape[1], 3 * gs_q.shape[2]))
 
 
 def param_grads(sums_q, sums_av, weight, bias):
-    """The backward kernels' sums (_sums), (., K + 1, D) for q and (., K + 1, 2D) for a and v -> the gradients of
-    the short conv's weight (3D, 1, K) and bias (3D,). Under torch.compile the rows' sums (none with atomic sums) are
-    small reductions inside the graph (as eager calls in the ops they cost 0.4 ms of the GPT-2-size 1K step)."""
+    """The backward kernels' partial sums, (programs, K + 1, D) for q and (programs, K + 1, 2D) for a and v -> the
+    gradients of the short conv's weight (3D, 1, K) and bias (3D,). Under torch.compile the sums are two small
+    reductions inside the graph (as eager calls in the ops they cost 0.4 ms of the GPT-2-size 1K step)."""
     K = weight.shape[-1]
     sums = torch.cat([sums_q.sum(0), sums_av.sum(0)], dim=1)  # (K + 1, 3D)
     # contiguous, the parameter's layout: in the compiled graph the reduction writes it so, where autograd would
@@ -306,13 +290,12 @@ def input_bias_grad(gs_q, gs_av, weight, bias_grad):
     output (its q and its (a, v) channels, (B, T, D) and (B, T, 2D)), the conv's weight w (3D, 1, K) and its bias
     gradient S = sum_u gs[u]. Input step t reaches output t + s through tap K - 1 - s while t + s < T, so
     sum_t dL/dp[t] = sum_s w[K - 1 - s] (S - sum_{u<s} gs[u]) = S sum_j w[j] - sum_{u<K-1} gs[u] sum_{j<K-1-u} w[j]:
-    it reads gs's first K - 1 steps, where summing dL/dp read all of (B, T, 3D). Written term by term (K is a few
-    taps), so that the compiled graph makes it one reduction over the batch."""
+    it reads gs's first K - 1 steps, where summing dL/dp read all of (B, T, 3D)."""
     K = weight.shape[-1]
     w = weight.flatten(1).float()
-    heads = (torch.cat([gs_q[:, u], gs_av[:, u]], dim=1).float().sum(0) * w[:, :K - 1 - u].sum(1)
-             for u in range(min(gs_q.shape[1], K - 1)))
-    return bias_grad.float() * w.sum(1) - sum(heads)
+    heads = torch.cat([gs_q[:, :K - 1], gs_av[:, :K - 1]], dim=2).float().sum(0).t()  # (3D, min(T, K - 1))
+    reach = w.cumsum(1)[:, :K - 1].flip(1)[:, :heads.shape[1]]  # reach[:, u] = sum_{j<K-1-u} w[j]
+    return bias_grad.float() * w.sum(1) - (heads * reach).sum(1)
 
 
 def gates(p, weight, bias):

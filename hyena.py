@@ -243,12 +243,10 @@ class GatedConv(torch.autograd.Function):
         go = go.to(q.dtype)
         if go.stride(-1) != 1:  # the kernel reads channels contiguously
             go = go.contiguous()
-        atomic = gates_triton.atomic_sums()
-        gy, gs_q, sums_q = torch.ops.hyena.gate_out_bwd(go, y, q, wq, bq, gates_triton.TILES['gate_out_bwd'],
-                                                           atomic)
+        gy, gs_q, sums_q = torch.ops.hyena.gate_out_bwd(go, y, q, wq, bq, gates_triton.TILES['gate_out_bwd'])
         gz, grad_k, grad_D = _CONV_PATHS[ctx.path][1](saved, ctx.cfg, (True,) + ctx.needs_input_grad[5:7], gy)
         gs_av, sums_av = torch.ops.hyena.gate_in_bwd(gz.to(a.dtype), a, v, wa, ba, wv, bv,
-                                                     gates_triton.TILES['gate_in_bwd'], atomic)
+                                                     gates_triton.TILES['gate_in_bwd'])
         grad_p = torch.ops.hyena.short_conv_input_grad(gs_q, gs_av, weight.view(weight.shape[0], -1))
         grad_weight, grad_bias = gates_triton.param_grads(sums_q, sums_av, weight, bias)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
