@@ -893,7 +893,8 @@ def section_model():
              f'every layer Hyena (order 2); ~{model_tokens} tokens/step; fused AdamW; compile={compile and CUDA} '
              f'({compile_scope}); ms: median of {model_iters} steps after {model_warmup} warm-up steps, each timed '
              f'alone (CUDA events, then a sync); queued: the mean of {model_iters} steps queued back to back, one sync '
-             'at the end, as the training loops run them; MFU from model.estimate_mfu (flops_per_token, bf16 dense peak); peak MB: whole step incl. weights and AdamW state.']
+             'at the end, as the training loops run them; MFU from model.estimate_mfu (flops_per_token, bf16 dense '
+             'peak); peak MB: whole step incl. weights and AdamW state.']
     return columns, rows, notes
 
 
