@@ -461,8 +461,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
             bar.close()
             print(f"stopped by {stop.name} in stage {stage_name} at iteration {it}; resume with --init_from=resume",
                   flush=True)
-            T.cleanup_distributed(dist)
-            raise SystemExit(stop.exit_code)
+            T.finish(dist, stop.exit_code)
         lr = T.get_lr(it - phase_start, lr_max, warmup_iters, phase_iters, lr_max * min_lr_ratio)
         T.set_lr(optimizer, lr)
         index = batch_offset[stage_name] + it
@@ -533,4 +532,4 @@ stop.restore()
 if master:
     print(write_report())
     print(f"report: {os.path.join(out_dir, 'report.md')}, student checkpoint: {ckpt_path}")
-T.cleanup_distributed(dist)
+T.finish(dist)

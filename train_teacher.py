@@ -223,8 +223,7 @@ while True:
         bar.close()
         if master:
             print(f"stopped by {stop.name} at iter {iter_num}; resume with --init_from=resume", flush=True)
-        T.cleanup_distributed(dist)
-        raise SystemExit(stop.exit_code)
+        T.finish(dist, stop.exit_code)
 
     # one optimizer step over `accum` micro-batches; the batch of each micro-step is a function of its index
     T.seed_step(seed, dist.rank, iter_num)
@@ -267,4 +266,4 @@ bar.close()
 stop.restore()
 if master:
     print(f"done: iter {iter_num}, best val loss {best_val_loss:.4f}, {tokens_seen:,} tokens; checkpoint {ckpt_path}")
-T.cleanup_distributed(dist)
+T.finish(dist)

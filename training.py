@@ -102,7 +102,7 @@ class DistInfo:
 def setup_distributed(device='auto'):
     """Single process, or DDP when torchrun set RANK/LOCAL_RANK/WORLD_SIZE. Under DDP on CUDA each
     process takes cuda:LOCAL_RANK (NCCL); on CPU processes talk through gloo (useful for tests).
-    Returns a DistInfo; call cleanup_distributed(dist) at the end."""
+    Returns a DistInfo; call finish(dist) at the end."""
     device = resolve_device(device)
     if int(os.environ.get('RANK', -1)) == -1:
         return DistInfo(False, 0, 0, 1, device, True, 0)
@@ -117,10 +117,20 @@ def setup_distributed(device='auto'):
     return DistInfo(True, rank, local_rank, world_size, device, rank == 0, rank)
 
 
-def cleanup_distributed(dist):
-    """Tear down the process group (no-op without DDP)."""
+def finish(dist, exit_code=0):
+    """End the run: without DDP, return (or raise SystemExit(exit_code) when it is nonzero). Under DDP, destroy the
+    process group and leave at once, without the interpreter's finalization (stdout and stderr flushed; every
+    checkpoint and report is written and closed before this). Finalization frees the DDP reducer, which still holds
+    the gloo group, and the group's worker threads may still hold work whose tensors need the GIL then: one CI run
+    in three aborted a rank that way after a clean stop ("terminate called without an active exception", SIGABRT;
+    torch's own account of it: pytorch/pytorch pull request 179291)."""
     if dist.ddp and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    if exit_code:
+        raise SystemExit(exit_code)
 
 
 def per_rank(total, world_size, name='gradient_accumulation_steps'):

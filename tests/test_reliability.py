@@ -133,6 +133,33 @@ def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_iteration_with_one
     assert 'by SIGTERM' in proc.stdout and f'{stopped_at}; resume with --init_from=resume' in proc.stdout
 
 
+FINISH_UNDER_DDP = """
+import sys, torch, training as T
+torch.distributed.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)
+dist = T.DistInfo(True, 0, 0, 1, 'cpu', True, 0)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+model(torch.ones(2, 4)).sum().backward()  # the reducer's all-reduce ran on gloo's workers
+print('saved', end='')  # unflushed
+T.finish(dist, 143)
+print('unreachable')
+"""
+
+
+def test_finish_under_ddp_leaves_with_the_exit_code_and_flushed_output(tmp_path):
+    proc = subprocess.run([sys.executable, '-c', FINISH_UNDER_DDP, str(tmp_path / 'rendezvous')], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 143 and proc.stdout == 'saved', proc.stderr
+    assert 'terminate called' not in proc.stderr
+
+
+def test_finish_without_ddp_returns_or_raises_the_exit_code():
+    dist = T.DistInfo(False, 0, 0, 1, 'cpu', True, 0)
+    assert T.finish(dist) is None
+    with pytest.raises(SystemExit) as stopped:
+        T.finish(dist, 143)
+    assert stopped.value.code == 143
+
+
 def one_parameter_adamw(fused):
     p = torch.nn.Parameter(torch.ones(3))
     return p, torch.optim.AdamW([p], lr=0.1, fused=fused)
