@@ -69,7 +69,9 @@ def test_filter_bank_gives_each_filters_taps_and_gradients():
         return taps + [p.grad for f in filters for p in f.mlp.parameters()]
     banked = taps_and_grads(lambda: filter_bank(filters, 50))
     alone = taps_and_grads(lambda: [f(50) for f in filters])
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(banked, alone))
+    # the batched matmuls sum in another order: an element where terms cancel can differ by more than rtol allows
+    # (1 seed in 15 failed allclose(rtol=1e-4, atol=1e-6)); the error of each whole tensor stays ~2e-7
+    assert max(rel_err(a, b) for a, b in zip(banked, alone)) < 1e-5
 
 
 def test_filter_bank_takes_filters_of_different_shapes_one_by_one():
