@@ -788,16 +788,16 @@ def section_kernels():
     u, y, g = act(B, C, L), act(B, C, L), act(B, C, L)  # channel-major: the conv's input and output, a gradient
     p, go, gs_q, gs_av = act(B, L, 3 * C), act(B, L, C), act(B, L, C), act(B, L, 2 * C)  # token-major
     k, d = torch.randn(C, L, device=device) / math.sqrt(L), torch.randn(C, device=device)
-    kr, ki = fftconv_triton._mfft_spectrum_impl(k, d, N1, N2, spectrum_prec, 4)
+    kr, ki = fftconv_triton._mfft_spectrum_impl(k, N1, N2, spectrum_prec, 4)
     K = 3  # HyenaOperator's short_filter_order
     weight, bias = torch.randn(3 * C, 1, K, device=device) / 2, torch.randn(3 * C, device=device) / 10
     (q, wq, bq), (a, wa, ba), (v, wv, bv) = gates_triton.gates(p, weight, bias)
     tiles = gates_triton.TILES
     launches = {
-        'spectrum': lambda: fftconv_triton._mfft_spectrum_impl(k, d, N1, N2, spectrum_prec, 4),
-        'conv': lambda: (fftconv_triton._mfft_conv_impl(u, kr, ki, prec, rows_per_program, warps),),
-        'conv backward': lambda: fftconv_triton._mfft_conv_bwd_impl(u, g, kr, ki, L, prec, rows_per_program, warps,
-                                                                    merged_bwd),
+        'spectrum': lambda: fftconv_triton._mfft_spectrum_impl(k, N1, N2, spectrum_prec, 4),
+        'conv': lambda: (fftconv_triton._mfft_conv_impl(u, kr, ki, d, prec, rows_per_program, warps),),
+        'conv backward': lambda: fftconv_triton._mfft_conv_bwd_impl(u, g, kr, ki, d, L, prec, rows_per_program,
+                                                                    warps, merged_bwd),
         'gate_in': lambda: (gates_triton._gate_in_impl(a, v, wa, ba, wv, bv),),
         'gate_out': lambda: (gates_triton._gate_out_impl(y, q, wq, bq),),
         'gate_in_bwd': lambda: gates_triton._gate_in_bwd_impl(g, a, v, wa, ba, wv, bv, tiles['gate_in_bwd']),

@@ -12,13 +12,13 @@ signal x[n1 * N2 + n2] seen as an (N1, N2) matrix and frequencies k = k1 + N1 * 
     X[k1, k2] = ((F_N1 @ x) * T) @ F_N2,        T[k1, n2] = exp(-2 pi i k1 n2 / N)   (twiddles)
     x[n1, n2] = (conj(F_N1) @ ((X @ conj(F_N2)) * conj(T))) / N
 so a row's FFT, the product with the filter's spectrum (in the same (k1, k2) layout, from the same forward FFT
-run on the filter's rows by a small kernel, the skip term D in its first tap) and the inverse FFT are 8 small
-real matmuls with everything in registers: one read of u, one write of y. N >= 2L, so the input is zero in rows
-n1 >= N1/2 (stage one uses half of F_N1) and only output rows n1 < N1/2 are kept (the last stage computes half,
-real part only). The backward is one kernel too: it transforms g = dL/dy once and writes grad_u = IDFT(G conj(K))
-(the correlation), and sums grad_k = sum_b IDFT(conj(U_b) G_b) over the batch in registers, grad_D its tap 0
-(up to FFT size TRITON_MERGED_BWD_MAX_N; above it grad_u is a second kernel, the forward's with conj(K), because
-the merged one spills registers there).
+run on the filter's rows by a small kernel) and the inverse FFT are 8 small real matmuls with everything in
+registers: one read of u, one write of y. N >= 2L, so the input is zero in rows n1 >= N1/2 (stage one uses half
+of F_N1) and only output rows n1 < N1/2 are kept (the last stage computes half, real part only). The backward is
+one kernel too: it transforms g = dL/dy once and writes grad_u = IDFT(G conj(K)) + D g (the correlation), and
+sums grad_k = sum_b IDFT(conj(U_b) G_b) and grad_D = sum_b,t g u over the batch in registers (up to FFT size
+TRITON_MERGED_BWD_MAX_N; above it grad_u is a second kernel, the forward's with conj(K), because the merged one
+spills registers there).
 """
 import concurrent.futures
 import contextlib
@@ -117,10 +117,9 @@ if triton is not None:
         return base0, base0 + C * L, m0, m1
 
     @triton.jit
-    def _mfft_conv_kernel(u_ptr, y_ptr, kr_ptr, ki_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+    def _mfft_conv_kernel(u_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
                           B, C, L, ROWS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
-        """y[b, c] = IDFT(DFT(u[b, c]) * K[c])[:L] (the skip term is in K: _mfft_spectrum_kernel), for one
-        channel c and ROWS batch rows.
+        """y[b, c] = IDFT(DFT(u[b, c]) * K[c])[:L] + d[c] u[b, c], for one channel c and ROWS batch rows.
         Two rows at a time share one complex FFT: with a real filter, conv(u_b + i u_b', k) =
         conv(u_b, k) + i conv(u_b', k), so the real and imaginary parts of the result are the two outputs."""
         c = tl.program_id(0)
@@ -129,6 +128,7 @@ if triton is not None:
             f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2)
         Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
         Ki = tl.load(ki_ptr + c * (N1 * N2) + mat)
+        dc = tl.load(d_ptr + c)
         for r in range(0, ROWS, 2):
             base0, base1, m0, m1 = _mfft_row_pair(pb, r, ROWS, c, B, C, L, t)
             xr = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
@@ -137,17 +137,14 @@ if triton is not None:
             er, ei = _mfft_inverse_stage2(cr * Kr - ci * Ki, cr * Ki + ci * Kr, Tr, Ti, F2r, F2i, PREC)
             # last stage, output rows n1 < N1/2: real part -> row b0, imaginary -> row b0 + 1
             zr, zi = _mfft_inverse_stage1(er, ei, F1tr, F1ti, PREC)
-            tl.store(y_ptr + base0 + t, (zr * (1.0 / (N1 * N2))).to(y_ptr.dtype.element_ty), mask=m0)
-            tl.store(y_ptr + base1 + t, (zi * (1.0 / (N1 * N2))).to(y_ptr.dtype.element_ty), mask=m1)
+            tl.store(y_ptr + base0 + t, (zr * (1.0 / (N1 * N2)) + dc * xr).to(y_ptr.dtype.element_ty), mask=m0)
+            tl.store(y_ptr + base1 + t, (zi * (1.0 / (N1 * N2)) + dc * xi).to(y_ptr.dtype.element_ty), mask=m1)
 
     @triton.jit
-    def _mfft_spectrum_kernel(k_ptr, d_ptr, kr_ptr, ki_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, C,
-                              Lk, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr, CHANNELS: tl.constexpr):
-        """The filter's spectrum K[c] = DFT_N(k[c] + d[c] delta) (zero-padded to N = N1 N2) of CHANNELS channels c,
-        in the [k1, k2] layout the two kernels above read: one row FFT each. The skip term d u is a convolution
-        with d delta, so it rides in the filter's first tap: the conv kernels then have no d u term, which cost a
-        layout conversion of u per row (its load's layout to the last matmul's) and, in the backward, registers
-        for its sum (grad D is grad k's tap 0 there). For 768 channels at N = 2048, 8.3 us on an
+    def _mfft_spectrum_kernel(k_ptr, kr_ptr, ki_ptr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, C, Lk,
+                              N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr, CHANNELS: tl.constexpr):
+        """The filter's spectrum K[c] = DFT_N(k[c]) (zero-padded to N = N1 N2) of CHANNELS channels c, in the
+        [k1, k2] layout the two kernels above read: one row FFT each. For 768 channels at N = 2048, 8.3 us on an
         H100 (tf32, two channels a program); at one channel a program 17 us on an H200, against 57 us for
         torch.fft.fft of k (cuFFT's r2c and a Hermitian fill) and the two copies that split re and im."""
         F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti, mat, t = _mfft_load_consts(
@@ -155,7 +152,6 @@ if triton is not None:
         first = tl.program_id(0).to(tl.int64) * CHANNELS
         for c in range(first, tl.minimum(first + CHANNELS, C)):
             kc = tl.load(k_ptr + c * Lk + t, mask=t < Lk, other=0.0).to(tl.float32)
-            kc += tl.where(t == 0, tl.load(d_ptr + c), 0.0)
             # a real row: stage one without the products of a zero imaginary part
             cr, ci = _mfft_forward_stage2(_mfft_dot(F1hr, kc, PREC), _mfft_dot(F1hi, kc, PREC), Tr, Ti, F2r, F2i,
                                           PREC)
@@ -164,45 +160,49 @@ if triton is not None:
             tl.store(ki_ptr + out, ci)
 
     @triton.jit
-    def _mfft_conv_bwd_kernel(u_ptr, g_ptr, gu_ptr, gk_ptr, gd_ptr, kr_ptr, ki_ptr, f1r_ptr, f1i_ptr, f2r_ptr,
+    def _mfft_conv_bwd_kernel(u_ptr, g_ptr, gu_ptr, gk_ptr, gd_ptr, kr_ptr, ki_ptr, d_ptr, f1r_ptr, f1i_ptr, f2r_ptr,
                               f2i_ptr, tr_ptr, ti_ptr, B, C, L, Lk, ROWS: tl.constexpr, N1: tl.constexpr,
                               N2: tl.constexpr, PREC: tl.constexpr, GRAD_U: tl.constexpr):
         """The backward of _mfft_conv_kernel for channel c, given u and g = dL/dy, over this program's ROWS batch
-        rows: partial sums gk[pb, c] = IDFT(sum conj(U) G)[:Lk] (the filter's gradient) and gd[pb, c] = gk[pb, c, 0]
-        (the skip term's, d being in tap 0), and with GRAD_U the input's gradient gu = IDFT(G conj(K))[:L] (the
-        adjoint of a convolution is a correlation), from the same transform of g. Rows go in pairs: with
-        U = DFT(u_b + i u_b') and G = DFT(g_b + i g_b'), conj(U) G = (conj(U_b) G_b + conj(U_b') G_b') + i X, where X
-        is the spectrum of a real signal too, so Re(IDFT(.)) is the sum of the two correlations; and G conj(K) is
-        the spectrum of corr(g_b, k) + i corr(g_b', k), as in the forward."""
+        rows: partial sums gk[pb, c] = IDFT(sum conj(U) G)[:Lk] (the filter's gradient) and gd[pb, c] = sum g u
+        (the skip term's), and with GRAD_U the input's gradient gu = IDFT(G conj(K))[:L] + d g (the adjoint of a
+        convolution is a correlation), from the same transform of g. Rows go in pairs: with U = DFT(u_b + i u_b')
+        and G = DFT(g_b + i g_b'), conj(U) G = (conj(U_b) G_b + conj(U_b') G_b') + i X, where X is the spectrum of a
+        real signal too, so Re(IDFT(.)) is the sum of the two correlations; and G conj(K) is the spectrum of
+        corr(g_b, k) + i corr(g_b', k), as in the forward."""
         c = tl.program_id(0)
         pb = tl.program_id(1)
         F1hr, F1hi, F1tr, F1ti, F2r, F2i, Tr, Ti, mat, t = _mfft_load_consts(
             f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2)
+        if GRAD_U:
+            dc = tl.load(d_ptr + c)
         sr = tl.zeros([N1, N2], dtype=tl.float32)
         si = tl.zeros([N1, N2], dtype=tl.float32)
+        dd = tl.zeros([N1 // 2, N2], dtype=tl.float32)
         for r in range(0, ROWS, 2):
             base0, base1, m0, m1 = _mfft_row_pair(pb, r, ROWS, c, B, C, L, t)
-            ur, ui = _mfft_forward(tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32),
-                                   tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32),
-                                   F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
-            gr, gi = _mfft_forward(tl.load(g_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32),
-                                   tl.load(g_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32),
-                                   F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
+            ur0 = tl.load(u_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
+            ui0 = tl.load(u_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
+            gr0 = tl.load(g_ptr + base0 + t, mask=m0, other=0.0).to(tl.float32)
+            gi0 = tl.load(g_ptr + base1 + t, mask=m1, other=0.0).to(tl.float32)
+            ur, ui = _mfft_forward(ur0, ui0, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
+            gr, gi = _mfft_forward(gr0, gi0, F1hr, F1hi, Tr, Ti, F2r, F2i, PREC)
             sr += ur * gr + ui * gi
             si += ur * gi - ui * gr
+            dd += ur0 * gr0 + ui0 * gi0
             if GRAD_U:  # conj(K), loaded (from L2) per row pair: held across the loop it spilled registers
                 Kr = tl.load(kr_ptr + c * (N1 * N2) + mat)
                 Ki = -tl.load(ki_ptr + c * (N1 * N2) + mat)
                 er, ei = _mfft_inverse_stage2(gr * Kr - gi * Ki, gr * Ki + gi * Kr, Tr, Ti, F2r, F2i, PREC)
                 zr, zi = _mfft_inverse_stage1(er, ei, F1tr, F1ti, PREC)
-                tl.store(gu_ptr + base0 + t, (zr * (1.0 / (N1 * N2))).to(gu_ptr.dtype.element_ty), mask=m0)
-                tl.store(gu_ptr + base1 + t, (zi * (1.0 / (N1 * N2))).to(gu_ptr.dtype.element_ty), mask=m1)
+                tl.store(gu_ptr + base0 + t, (zr * (1.0 / (N1 * N2)) + dc * gr0).to(gu_ptr.dtype.element_ty), mask=m0)
+                tl.store(gu_ptr + base1 + t, (zi * (1.0 / (N1 * N2)) + dc * gi0).to(gu_ptr.dtype.element_ty), mask=m1)
         # the rows' products summed, then one inverse
         er, ei = _mfft_inverse_stage2(sr, si, Tr, Ti, F2r, F2i, PREC)
         gk = (_mfft_dot(F1tr, er, PREC) + _mfft_dot(F1ti, ei, PREC)) * (1.0 / (N1 * N2))
         out = (pb * C + c).to(tl.int64)
         tl.store(gk_ptr + out * Lk + t, gk, mask=t < Lk)
-        tl.store(gd_ptr + out + t, gk, mask=t == 0)
+        tl.store(gd_ptr + out, tl.sum(tl.sum(dd, axis=1), axis=0))
 
     # ---- four-step path (N > TRITON_MAX_N): the row kernels between the outer matmuls of four_step_forward ----
     @triton.jit
@@ -424,28 +424,28 @@ def device_of(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _mfft_conv_impl(u, kr, ki, prec, rows, warps):
+def _mfft_conv_impl(u, kr, ki, d, prec, rows, warps):
     B, C, L = u.shape
     N1, N2 = kr.shape[1], kr.shape[2]
     y = torch.full_like(u, float('nan')) if _TRITON_POISON else torch.empty_like(u)
     grid = (C, -(-B // rows))
     with device_of(u):
-        _mfft_conv_kernel[grid](u, y, kr, ki, *_mfft_consts(N1, N2, u.device), B, C, L, rows,
+        _mfft_conv_kernel[grid](u, y, kr, ki, d, *_mfft_consts(N1, N2, u.device), B, C, L, rows,
                                 N1=N1, N2=N2, PREC=prec, num_warps=warps)
     return y
 
 
-def _mfft_spectrum_impl(k, d, n1, n2, prec, warps):
+def _mfft_spectrum_impl(k, n1, n2, prec, warps):
     C, Lk = k.shape
     kr, ki = (k.new_empty((C, n1, n2), dtype=torch.float32) for _ in range(2))
     with device_of(k):
-        _mfft_spectrum_kernel[(-(-C // SPECTRUM_CHANNELS),)](k, d, kr, ki, *_mfft_consts(n1, n2, k.device), C,
-                                                             Lk, N1=n1, N2=n2, PREC=prec,
-                                                             CHANNELS=SPECTRUM_CHANNELS, num_warps=warps)
+        _mfft_spectrum_kernel[(-(-C // SPECTRUM_CHANNELS),)](k, kr, ki, *_mfft_consts(n1, n2, k.device), C, Lk,
+                                                             N1=n1, N2=n2, PREC=prec, CHANNELS=SPECTRUM_CHANNELS,
+                                                             num_warps=warps)
     return kr, ki
 
 
-def _mfft_conv_bwd_impl(u, g, kr, ki, Lk, prec, rows, warps, grad_u):
+def _mfft_conv_bwd_impl(u, g, kr, ki, d, Lk, prec, rows, warps, grad_u):
     """(grad u (B, C, L) in u's dtype, or an empty tensor without grad_u; grad k (C, Lk) and grad D (C,) in fp32):
     the kernel's per-program partial sums, summed over the programs only when there are several (at batch <= rows,
     the GPT-2-size step's case, no reduction kernel)."""
@@ -457,7 +457,7 @@ def _mfft_conv_bwd_impl(u, g, kr, ki, Lk, prec, rows, warps, grad_u):
     gk = make((nb, C, Lk), device=u.device, dtype=torch.float32)  # the kernel writes every element
     gd = make((nb, C), device=u.device, dtype=torch.float32)
     with device_of(u):
-        _mfft_conv_bwd_kernel[(C, nb)](u, g, gu if grad_u else g, gk, gd, kr, ki,  # (g: never written)
+        _mfft_conv_bwd_kernel[(C, nb)](u, g, gu if grad_u else g, gk, gd, kr, ki, d,  # (g: never written)
                                        *_mfft_consts(N1, N2, u.device), B, C, L, Lk, rows, N1=N1, N2=N2, PREC=prec,
                                        GRAD_U=grad_u, num_warps=warps)
     if nb > 1:
@@ -518,17 +518,17 @@ def define_op(schema, impl, fake):
 
 
 if triton is not None:
-    def _conv_bwd_fake(u, g, kr, ki, lk, prec, rows, warps, grad_u):
+    def _conv_bwd_fake(u, g, kr, ki, d, lk, prec, rows, warps, grad_u):
         return (u.new_empty(u.shape if grad_u else (0,)), u.new_empty(u.shape[1], lk, dtype=torch.float32),
                 u.new_empty(u.shape[1], dtype=torch.float32))
 
-    define_op('mfft_conv(Tensor u, Tensor kr, Tensor ki, str prec, int rows, int warps) -> Tensor',
-              _mfft_conv_impl, lambda u, kr, ki, prec, rows, warps: torch.empty_like(u))
-    define_op('mfft_spectrum(Tensor k, Tensor d, int n1, int n2, str prec, int warps) -> (Tensor, Tensor)',
-              _mfft_spectrum_impl, lambda k, d, n1, n2, prec, warps: tuple(
-                  k.new_empty((k.shape[0], n1, n2), dtype=torch.float32) for _ in range(2)))
-    define_op('mfft_conv_bwd(Tensor u, Tensor g, Tensor kr, Tensor ki, int lk, str prec, int rows, int warps, '
-              'bool grad_u) -> (Tensor, Tensor, Tensor)', _mfft_conv_bwd_impl, _conv_bwd_fake)
+    define_op('mfft_conv(Tensor u, Tensor kr, Tensor ki, Tensor d, str prec, int rows, int warps) -> Tensor',
+              _mfft_conv_impl, lambda u, kr, ki, d, prec, rows, warps: torch.empty_like(u))
+    define_op('mfft_spectrum(Tensor k, int n1, int n2, str prec, int warps) -> (Tensor, Tensor)', _mfft_spectrum_impl,
+              lambda k, n1, n2, prec, warps: tuple(k.new_empty((k.shape[0], n1, n2), dtype=torch.float32)
+                                                   for _ in range(2)))
+    define_op('mfft_conv_bwd(Tensor u, Tensor g, Tensor kr, Tensor ki, Tensor d, int lk, str prec, int rows, '
+              'int warps, bool grad_u) -> (Tensor, Tensor, Tensor)', _mfft_conv_bwd_impl, _conv_bwd_fake)
     define_op('mfft_rows(Tensor a, Tensor k, int c, int h, str mode, str prec, int rows, int warps) -> Tensor',
               _mfft_rows_impl, lambda a, k, c, h, mode, prec, rows, warps: torch.empty_like(a))
     define_op('mfft_rows_grad_k(Tensor au, Tensor ag, int b, int c, int h, str prec, int rows, int warps) -> Tensor',
@@ -545,29 +545,28 @@ def monarch_forward(u, k, D):
     _, N1, N2 = _mfft_plan(L)
     rows, warps = _mfft_launch(B, 4)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        # [c, k1, k2] = K[k1 + N1 k2] of k + D delta (the skip term in tap 0); tf32 unless TRITON_DOT asks for
-        # exact fp32 (the rows' own FFTs are no finer)
+        # [c, k1, k2] = K[k1 + N1 k2]; tf32 unless TRITON_DOT asks for exact fp32 (the rows' own FFTs are no finer)
+        kr, ki = torch.ops.hyena.mfft_spectrum(k.float().contiguous(), N1, N2, SPECTRUM_DOT[TRITON_DOT], 4)
         d = D.float().contiguous() if D is not None else torch.zeros(C, device=u.device, dtype=torch.float32)
-        kr, ki = torch.ops.hyena.mfft_spectrum(k.float().contiguous(), d, N1, N2, SPECTRUM_DOT[TRITON_DOT], 4)
         u = u.contiguous()
-        y = torch.ops.hyena.mfft_conv(u, kr, ki, TRITON_DOT, rows, warps)
-    return y, (u, kr, ki), (N1, N2, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
+        y = torch.ops.hyena.mfft_conv(u, kr, ki, d, TRITON_DOT, rows, warps)
+    return y, (u, kr, ki, d), (N1, N2, k.shape[-1], TRITON_DOT, rows, warps, k.dtype, None if D is None else D.dtype)
 
 
 def monarch_backward(saved, cfg, needs, grad_y):
     """(grad u, grad k, grad D) of monarch_forward, each None where needs (three bools) says so."""
-    u, kr, ki = saved
+    u, kr, ki, d = saved
     N1, N2, Lk, prec, rows, warps, k_dtype, d_dtype = cfg
     g = grad_y.to(u.dtype).contiguous()
     grad_u = grad_k = grad_D = None
     merge = needs[0] and N1 * N2 <= TRITON_MERGED_BWD_MAX_N
     if needs[1] or (d_dtype is not None and needs[2]):  # one transform of g for grad k and D (and grad u)
-        gu, gk, gd = torch.ops.hyena.mfft_conv_bwd(u, g, kr, ki, Lk, prec, rows, warps, merge)
+        gu, gk, gd = torch.ops.hyena.mfft_conv_bwd(u, g, kr, ki, d, Lk, prec, rows, warps, merge)
         grad_u = gu if merge else None
         grad_k = gk.to(k_dtype)
         grad_D = gd.to(d_dtype) if d_dtype is not None else None
     if needs[0] and grad_u is None:  # the adjoint of a convolution with k is a correlation: conj(K)
-        grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, prec, rows, warps)
+        grad_u = torch.ops.hyena.mfft_conv(g, kr, -ki, d, prec, rows, warps)
     return grad_u, grad_k, grad_D
 
 
