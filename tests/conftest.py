@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -43,7 +44,6 @@ def write_dataset(folder, train_tokens=20000, val_tokens=4000, vocab=TINY_VOCAB)
 def seeded():
     """Every test starts from one random state: a test that compares within a tolerance then checks the same
     numbers on every run, and a failure reproduces (an unseeded one failed 1 run in 15 on a cancelling sum)."""
-    import torch
     torch.manual_seed(0)
 
 
