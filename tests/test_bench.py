@@ -261,9 +261,10 @@ TRITON_SCRIPT = textwrap.dedent('''
         """Asserts that every hyena op's outputs have the shapes and strides of its fake kernel's, as inductor does
         on the GPU (the aot_eager compiles below do not)."""
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
             if func.namespace == 'hyena':
-                fake = func(*tree_map(lambda a: a.to('meta') if torch.is_tensor(a) else a, args), **(kwargs or {}))
+                fake = func(*tree_map(lambda a: a.to('meta') if torch.is_tensor(a) else a, args), **kwargs)
                 for a, b in zip(tree_flatten(out)[0], tree_flatten(fake)[0]):
                     assert (a.shape, a.stride()) == (b.shape, b.stride()), (func, a.shape, a.stride(), b.stride())
             return out
