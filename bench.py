@@ -785,6 +785,9 @@ def section_kernels():
 
     def act(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
+
+    def summed(outs):  # a backward gate kernel's outputs, its partial sums (last) added up over the programs
+        return (*outs[:-1], outs[-1].sum(0))
     u, y, g = act(B, C, L), act(B, C, L), act(B, C, L)  # channel-major: the conv's input and output, a gradient
     p, go, gs_q, gs_av = act(B, L, 3 * C), act(B, L, C), act(B, L, C), act(B, L, 2 * C)  # token-major
     k, d = torch.randn(C, L, device=device) / math.sqrt(L), torch.randn(C, device=device)
@@ -800,8 +803,10 @@ def section_kernels():
                                                                     warps, merged_bwd),
         'gate_in': lambda: (gates_triton._gate_in_impl(a, v, wa, ba, wv, bv),),
         'gate_out': lambda: (gates_triton._gate_out_impl(y, q, wq, bq),),
-        'gate_in_bwd': lambda: gates_triton._gate_in_bwd_impl(g, a, v, wa, ba, wv, bv, tiles['gate_in_bwd']),
-        'gate_out_bwd': lambda: gates_triton._gate_out_bwd_impl(go, y, q, wq, bq, tiles['gate_out_bwd']),
+        # the backward kernels with the sum of their partial sums, which the step pays for too (param_grads): fewer
+        # time tiles per program write fewer partials, so the tile sweep must see both
+        'gate_in_bwd': lambda: summed(gates_triton._gate_in_bwd_impl(g, a, v, wa, ba, wv, bv, tiles['gate_in_bwd'])),
+        'gate_out_bwd': lambda: summed(gates_triton._gate_out_bwd_impl(go, y, q, wq, bq, tiles['gate_out_bwd'])),
         'input_grad': lambda: (gates_triton._short_conv_input_grad_impl(gs_q, gs_av, weight.view(-1, K)),),
     }
     # elements of (B, L, C) each kernel must read and write (filters, weights and partial sums: small)
@@ -825,7 +830,8 @@ def section_kernels():
     timer = f'CUDA-graph replays of {kernel_reps} back-to-back calls (median)' if CUDA else 'interpreted, host clock'
     notes = [f'B={B}, L={L}, C={C}, {str(dtype)[6:]} activations, dots {prec}; us: {timer}',
              f'floor: MB moved at {bw:.0f} GB/s (the copy bandwidth of env); conv backward '
-             + ('writes grad u too (FFT size <= TRITON_MERGED_BWD_MAX_N)' if merged_bwd else 'without grad u')]
+             + ('writes grad u too (FFT size <= TRITON_MERGED_BWD_MAX_N)' if merged_bwd else 'without grad u'),
+             'gate_in_bwd, gate_out_bwd: the kernel and the sum of its partial weight-gradient sums over programs']
     if kernel_sweep:
         RESULTS['sections']['kernels (tile sweep)'] = sweep_gate_tiles(launches)
     free_memory()
@@ -837,17 +843,15 @@ def sweep_gate_tiles(launches):
     columns = ['kernel', 'tiles timed', 'TILES', 'us', 'fastest tile', 'fastest us', 'speedup', 'max rel diff']
     rows = []
 
-    def totals(outs):  # a backward kernel's partial sums (last output) compared by their total
-        return [x.float() for x in outs[:-1]] + [outs[-1].float().sum(0)] if len(outs) > 1 else [outs[0].float()]
     for name in ('gate_in', 'gate_out', 'gate_in_bwd', 'gate_out_bwd', 'input_grad'):
         default = gates_triton.TILES[name]
         row = {'kernel': name, 'TILES': str(default)}
         try:
-            ref = totals(launches[name]())
+            ref = [x.float() for x in launches[name]()]
             timed = []
             for tile in gate_tiles(name):
                 gates_triton.TILES[name] = tile  # read when the launch is recorded into the graph
-                outs = totals(launches[name]())
+                outs = [x.float() for x in launches[name]()]
                 diff = max(((x - r).abs().max() / r.abs().max()).item() for x, r in zip(outs, ref))
                 timed.append((kernel_us(launches[name]), tile, diff))
             best = min(timed)
@@ -860,7 +864,8 @@ def sweep_gate_tiles(launches):
             gates_triton.TILES[name] = default
         rows.append(row)
     notes = ['tiles: (time steps, channels, warps[, time tiles per program]), TILES\' own first; max rel diff: the '
-             "largest difference of any tile's outputs from TILES' (backward: the partial sums' totals), over max |.|"]
+             "largest difference of any tile's outputs from TILES' (backward: the partial sums' totals), over max |.|; "
+             'backward kernels timed with the sum of their partial sums']
     return {'columns': columns, 'rows': rows, 'notes': notes}
 
 def section_model():
