@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import fftconv_triton
 import gates_triton
 import hyena
+import training
 from model import GPT, CausalSelfAttention, GPTConfig, cache_bytes
 
 # -----------------------------------------------------------------------------------------------------------
@@ -97,7 +98,9 @@ kernel_sweep_warps = [1, 2, 4, 8]
 kernel_sweep_sums = [1, 2, 4]  # backward kernels: time tiles per program
 # model: a training step (fwd + bwd + fused AdamW), bf16 autocast
 model_blocks = [1024, 4096, 16384]
-model_tokens = 16384  # tokens per step: batch = model_tokens // block_size
+model_tokens = 16384  # tokens per micro-step: batch = model_tokens // block_size
+model_accum = [1, 4]  # micro-steps per optimizer step (gradient accumulation; the GPU configs use 4 or 40)
+model_share_taps = True  # students: the filters' taps once per optimizer step (training.SharedTaps), as the loops do
 model_variants = ['teacher', 'student', 'student-triton', 'student-triton-bf16', 'student-triton-bf16-fused',
                   'teacher-graphs', 'student-triton-bf16-graphs', 'student-triton-bf16-fused-graphs']
 #                 (student / teacher: against the last teacher row)
@@ -136,7 +139,8 @@ QUICK = dict(cpu_threads=1, n_layer=2, n_head=4, n_embd=32, vocab_size=128, warm
              check_lengths=[64, 100], check_batch=2, check_channels=8, check_op_length=64,
              mixer_lengths=[64, 128], mixer_tokens=256, fftconv_lengths=[64, 96], fftconv_tokens=256, copy_mb=16,
              kernel_block=64, kernel_reps=2, kernel_sweep_t=[16], kernel_sweep_c=[16, 32], kernel_sweep_warps=[1],
-             kernel_sweep_sums=[1, 2], model_blocks=[32, 64], model_tokens=128, model_warmup=1, model_iters=2,
+             kernel_sweep_sums=[1, 2], model_blocks=[32, 64], model_tokens=128, model_accum=[1, 2], model_warmup=1,
+             model_iters=2,
              profile_block=32, profile_steps=1, profile_top=3,
              distill_block=32, distill_tokens=128, gen_contexts=[16, 32], gen_new_tokens=4, gen_batch=2)
 
@@ -869,19 +873,19 @@ def sweep_gate_tiles(launches):
     return {'columns': columns, 'rows': rows, 'notes': notes}
 
 def section_model():
-    """A training step of teacher vs student: fwd+bwd+AdamW, bf16 autocast, compiled on CUDA."""
-    columns = ['block', 'batch', 'variant', 'ms/step', 'tokens/s', 'TFLOP/s', 'MFU', 'peak MB', 'student / teacher',
-               'ms/step queued', 'queued student / teacher']
+    """A training step of teacher vs student: accum x fwd+bwd, then AdamW, bf16 autocast, compiled on CUDA."""
+    columns = ['block', 'batch', 'accum', 'variant', 'ms/step', 'tokens/s', 'TFLOP/s', 'MFU', 'peak MB',
+               'student / teacher', 'ms/step queued', 'queued student / teacher']
     rows = []
-    for block in model_blocks:
+    for block, accum in itertools.product(model_blocks, model_accum):
         batch = max(1, model_tokens // block)
         teacher_tps = teacher_queued = None
-        for opts, row in runnable_variants(model_variants, columns, rows, block=block, batch=batch):
+        for opts, row in runnable_variants(model_variants, columns, rows, block=block, batch=batch, accum=accum):
             try:
                 with hyena_settings(opts):
-                    ms, queued, peak, model = train_step_timing(opts, block, batch)
-                tps = batch * block / (ms / 1e3)
-                mfu = model.estimate_mfu(batch, ms / 1e3, seq_len=block)
+                    ms, queued, peak, model = train_step_timing(opts, block, batch, accum)
+                tps = batch * block * accum / (ms / 1e3)
+                mfu = model.estimate_mfu(batch * accum, ms / 1e3, seq_len=block)
                 row.update({'ms/step': ms, 'tokens/s': tps,
                             'TFLOP/s': model.flops_per_token(block) * tps / 1e12,
                             'MFU': mfu if mfu is not None else 'n/a: unknown peak', 'peak MB': peak})
@@ -895,7 +899,8 @@ def section_model():
                 fill(row, columns, error_cell(e))
             free_memory()
     notes = [f'GPT-2 124M shape ({n_layer} layers, {n_head} heads, {n_embd} wide, vocab {vocab_size}); student: '
-             f'every layer Hyena (order 2); ~{model_tokens} tokens/step; fused AdamW; compile={compile and CUDA} '
+             f'every layer Hyena (order 2); ~{model_tokens} tokens per micro-step, accum micro-steps per step (the '
+             f'filter taps once per step: {model_share_taps}); fused AdamW; compile={compile and CUDA} '
              f'({compile_scope}); ms: median of {model_iters} steps after {model_warmup} warm-up steps, each timed '
              f'alone (CUDA events, then a sync); queued: the mean of {model_iters} steps queued back to back, one sync '
              'at the end, as the training loops run them; MFU from model.estimate_mfu (flops_per_token, bf16 dense '
@@ -903,27 +908,33 @@ def section_model():
     return columns, rows, notes
 
 
-def build_train_step(opts, block, batch):
-    """(step, model): step() runs one fwd + bwd + AdamW step of a fresh teacher or student on random tokens."""
+def build_train_step(opts, block, batch, accum=1):
+    """(step, model): step() runs one optimizer step of a fresh teacher or student on random tokens, as the
+    training loops do: accum micro-steps of fwd + bwd (the filters' taps shared by them), then AdamW."""
     torch.manual_seed(seed)
     model = GPT(gpt_config(opts['kind'], block)).to(device)
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if CUDA else 'cpu')
     fn = compile_model(model, opts)
+    shared = training.SharedTaps(model, block, accum if model_share_taps else 1)
     idx = torch.randint(0, vocab_size, (batch, block + 1), device=device)
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
 
     def step():
-        new_step(opts)
-        with autocast():
-            _, loss = fn(x, y)
-        loss.backward()
+        shared.begin()
+        for micro in range(accum):
+            new_step(opts)
+            with autocast():
+                _, loss = fn(x, y, taps=shared.taps(micro))
+            (loss / accum).backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        # under CUDA graphs, gradients that micro-steps accumulate into stay allocated (training.clear_grads); a
+        # lone micro-step's are read by opt.step before the next replay can overwrite them
+        training.clear_grads(opt, opts['graphs'] and accum > 1)
     return step, model
 
 
-def train_step_timing(opts, block, batch):
-    step, model = build_train_step(opts, block, batch)
+def train_step_timing(opts, block, batch, accum=1):
+    step, model = build_train_step(opts, block, batch, accum)
     ms = time_steps(step, model_warmup, model_iters)
     queued = queued_ms(step, model_iters)
     peak = peak_mb(step, absolute=True)

@@ -441,7 +441,9 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
     alpha = kd_alpha if stage_name == 'kd' else 0.0
     run_name = 'scratch' if stage_name == 'scratch' else 'distilled'  # the report's two curves
     if stage_name != 'align':
-        run_model, ok = T.wrap_model(raw, dist, compile, data.get_batch('train', 0), prec.ctx, compile_mode)
+        shared_taps = T.SharedTaps(raw, block_size, accum)  # the filters: once per iteration
+        run_model, ok = T.wrap_model(raw, dist, compile, data.get_batch('train', 0), prec.ctx, compile_mode,
+                                     shared_taps)
         if ok and alpha > 0:
             teacher_fwd = torch.compile(teacher_model, dynamic=False, mode=compile_mode)
             loss_fn = torch.compile(kd_loss, dynamic=False, mode=compile_mode)
@@ -467,6 +469,8 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         index = batch_offset[stage_name] + it
         T.seed_step(seed, dist.rank, index)
         loss_sum, layer_err = torch.zeros((), device=dist.device), {}
+        if stage_name != 'align':
+            shared_taps.begin()
         for micro in range(accum):
             with prec.ctx:
                 if stage_name == 'align':
@@ -479,7 +483,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
                         run_model.require_backward_grad_sync = (micro == accum - 1)
                     if graphs:
                         torch.compiler.cudagraph_mark_step_begin()
-                    logits, ce = run_model(X, Y)
+                    logits, ce = run_model(X, Y, taps=shared_taps.taps(micro))
                     if alpha > 0:
                         with torch.no_grad():
                             teacher_logits, _ = teacher_fwd(X, full_logits=True)

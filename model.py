@@ -168,14 +168,16 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(start + torch.arange(t, device=idx.device))
         return self.transformer.drop(x)
 
-    def forward(self, idx, targets=None, cache=None, full_logits=False):
+    def forward(self, idx, targets=None, cache=None, full_logits=False, taps=None):
         """idx (B, T) -> (logits, loss). With targets: full (B, T, V) logits and the mean cross-entropy
         (targets == -1 ignored). Without: logits of the last position only, (B, 1, V), or of every position
         with full_logits=True (distill.py's teacher: no cross-entropy over the vocabulary that nobody reads).
-        cache: from new_cache(); the call then continues the cached sequence with idx."""
+        cache: from new_cache(); the call then continues the cached sequence with idx. taps: filter_taps(T),
+        when the caller computed them once for several forward passes (training.SharedTaps)."""
         start = cache['length'] if cache is not None else 0
         x = self.embed(idx, start)
-        taps = self.filter_taps(idx.size(1)) if cache is None else {}
+        if taps is None:
+            taps = self.filter_taps(idx.size(1)) if cache is None else {}
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache=cache['layers'][i] if cache is not None else None, taps=taps.get(i))
         if cache is not None:
@@ -194,7 +196,7 @@ class GPT(nn.Module):
         (hyena.filter_bank): the 12-layer student's filter MLPs then take ~35 small kernels per step instead of ~35
         per layer (0.5 ms of the 35 ms step at block 1024 on an H200, the model compiled whole; BENCHMARKS.md)."""
         layers = [i for i, block in enumerate(self.transformer.h) if isinstance(block.mixer, HyenaOperator)]
-        if len(layers) < 2:
+        if not layers:
             return {}
         return dict(zip(layers, filter_bank([self.transformer.h[i].mixer.filter for i in layers], T)))
 

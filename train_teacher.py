@@ -149,7 +149,8 @@ if checkpoint is not None:
     T.agree_across_ranks(iter_num, dist)
 checkpoint = None  # free memory
 raw_model = model
-model, compiled = T.wrap_model(model, dist, compile, data.get_batch('train', 0), prec.ctx, compile_mode)
+shared_taps = T.SharedTaps(raw_model, block_size, accum)  # a Hyena model's filters: once per iteration
+model, compiled = T.wrap_model(model, dist, compile, data.get_batch('train', 0), prec.ctx, compile_mode, shared_taps)
 graphs = T.cuda_graphs(compile_mode, compiled, dist.device)
 T.clear_grads(optimizer, graphs)
 logger = T.JsonlLogger(os.path.join(out_dir, 'log.jsonl'), enabled=master)
@@ -228,13 +229,14 @@ while True:
     # one optimizer step over `accum` micro-batches; the batch of each micro-step is a function of its index
     T.seed_step(seed, dist.rank, iter_num)
     loss_sum = torch.zeros((), device=dist.device)
+    shared_taps.begin()
     for micro_step in range(accum):
         if dist.ddp:  # sync gradients only on the last micro-step; must be set before its forward pass
             model.require_backward_grad_sync = (micro_step == accum - 1)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with prec.ctx:
-            _, loss = model(X, Y)
+            _, loss = model(X, Y, taps=shared_taps.taps(micro_step))
             loss = loss / accum  # the mean over micro-steps
         X, Y = data.get_batch('train', iter_num * accum + micro_step + 1)  # prefetch while the GPU works
         prec.scaler.scale(loss).backward()

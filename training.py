@@ -245,11 +245,13 @@ def clear_grads(optimizer, graphs):
     optimizer.zero_grad(set_to_none=False)
 
 
-def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext(), mode='default'):
+def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext(), mode='default', shared_taps=None):
     """The model a training loop calls: torch.compile'd (with `mode`, see cuda_graphs) when compile is True,
     inside DDP under torchrun. Returns (model, compiled). With example_batch (X, Y) a compiled model is built
     right away by one forward + backward (gradients cleared afterwards), so a failure to build (e.g. no C
-    compiler) shows here, not mid-training, and the model falls back to eager with a printed message.
+    compiler) shows here, not mid-training, and the model falls back to eager with a printed message. With
+    shared_taps (a SharedTaps) that forward takes the taps as the loop's micro-steps will: the graph it builds is
+    theirs.
 
     DDP keeps the gradients as views of its all-reduce buckets (no copy into them, no second 500 MB for
     GPT-2 small), and the compiled model stays one graph: dynamo's DDP optimizer, which splits the graph at the
@@ -278,8 +280,12 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
         wrapped = ddp(torch.compile(model, dynamic=False, mode=mode))
         if example_batch is not None:
             torch.compiler.cudagraph_mark_step_begin()
+            taps = None
+            if shared_taps is not None:
+                shared_taps.begin()
+                taps = shared_taps.taps(0)
             with ctx:
-                _, loss = wrapped(*example_batch)
+                _, loss = wrapped(*example_batch, **({} if taps is None else {'taps': taps}))
             loss.backward()
             model.zero_grad(set_to_none=True)
         return wrapped, True
@@ -292,6 +298,60 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
         reason = (str(e).strip().splitlines() or [''])[0][:200]
         print(f"torch.compile cannot build here ({type(e).__name__}: {reason}); running eager instead")
         return ddp(model), False
+
+
+class SharedTaps:
+    """The Hyena filters' taps computed once per optimizer step and shared by its micro-steps. The taps are a
+    function of the filter parameters alone, not of the batch, so an iteration of `accum` micro-steps needs the
+    filter MLPs' forward and backward once, not `accum` times (the 12-layer student's ~35 small kernels each way,
+    ~0.25 ms of a 37 ms micro-step at block 1024 on an H100; BENCHMARKS.md, thirty-first session).
+
+        shared = SharedTaps(raw_model, block_size, accum)
+        shared.begin()                                     # each iteration, before its first micro-step
+        for micro in range(accum):
+            logits, loss = model(X, Y, taps=shared.taps(micro))
+
+    Micro-steps but the last get detached copies of the taps (leaves), into which their backward passes
+    accumulate the gradient. The last gets the taps themselves, through an identity whose backward adds that
+    accumulated gradient: its backward pass, the one that DDP all-reduces, then carries the whole iteration's
+    gradient through the filter MLPs into their parameters. With accum 1 (or no Hyena layer) taps() is None and
+    the model computes its taps inside its forward, as without this class."""
+
+    def __init__(self, model, block_size, accum):
+        self.model, self.block_size, self.accum = model, block_size, accum
+        self.taps_with_graph, self.leaves = {}, {}
+
+    def begin(self):
+        if self.accum < 2:
+            return
+        self.taps_with_graph = self.model.filter_taps(self.block_size)
+        self.leaves = {i: t.detach().requires_grad_(t.requires_grad) for i, t in self.taps_with_graph.items()}
+        for leaf in self.leaves.values():
+            if leaf.requires_grad:  # (a frozen filter's taps are shared as they are)
+                # allocated, not None: under CUDA graphs autograd would adopt the backward graph's own buffer as
+                # the first gradient, which the next replay overwrites (pytorch/pytorch#169545; clear_grads)
+                leaf.grad = torch.zeros_like(leaf)
+
+    def taps(self, micro):
+        if not self.leaves:
+            return None
+        if micro < self.accum - 1:
+            return self.leaves
+        return {i: _PlusGrad.apply(t, self.leaves[i]) if t.requires_grad else self.leaves[i]
+                for i, t in self.taps_with_graph.items()}
+
+
+class _PlusGrad(torch.autograd.Function):
+    """x unchanged; its backward adds the gradient accumulated in `leaf` (read when the backward runs)."""
+
+    @staticmethod
+    def forward(ctx, x, leaf):
+        ctx.leaf = leaf
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad + ctx.leaf.grad, None
 
 
 def unwrap_model(model):

@@ -30,7 +30,7 @@ EXPECTED_ROWS = {
     'mixer': 2,
     'fftconv': 2 * 5,
     'kernels': 8,  # n/a on CPU: test_bench_kernels_section_in_the_interpreter runs them
-    'model': 2 * 8,
+    'model': 2 * 2 * 8,  # blocks x accums x variants
     'profile': 4 * 3 + 4,  # top-3 kernels of teacher, student, attention, hyena-fast; the Triton ones: n/a on CPU
     'distill': 5,
     'generate': 4 * 2,
@@ -77,6 +77,7 @@ def test_bench_smoke_rows_cover_the_configured_shapes(smoke):
     assert [r['L'] for r in s['mixer']['rows']] == QUICK['mixer_lengths']
     assert sorted({r['L'] for r in s['fftconv']['rows']}) == QUICK['fftconv_lengths']
     assert sorted({r['block'] for r in s['model']['rows']}) == QUICK['model_blocks']
+    assert sorted({r['accum'] for r in s['model']['rows']}) == [1, 2]  # bench.py's quick model_accum
     assert sorted({r['context'] for r in s['generate']['rows']}) == QUICK['gen_contexts']
     assert {r['model'] for r in s['generate']['rows']} == {'teacher', 'student', 'recurrent', 'recurrent-eager'}
     # the fast paths that run on CPU pass their correctness check

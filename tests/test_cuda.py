@@ -160,32 +160,38 @@ def test_cuda_graph_decoding_matches_eager_recurrent_decoding():
     assert torch.equal(graphed, eager)
 
 
+@pytest.mark.parametrize('shared', [False, True])
 @pytest.mark.parametrize('impl,short', [('fast', 'auto'), ('triton', 'auto'), ('triton', 'fused')])
-def test_cuda_graph_training_accumulates_the_same_gradients_as_eager(impl, short, monkeypatch):
-    # compile_mode='reduce-overhead' in the training loops: the micro-steps' gradients add up as in eager
+def test_cuda_graph_training_accumulates_the_same_gradients_as_eager(impl, short, shared, monkeypatch):
+    # compile_mode='reduce-overhead' in the training loops: the micro-steps' gradients add up as in eager, also
+    # with the filters' taps shared by the micro-steps (training.SharedTaps), whose last micro-step passes them
+    # through an identity of its own: one graph for all three (a recompile would be an error here)
     import training as T
     monkeypatch.setattr(hyena, 'FFTCONV_IMPL', impl)
     monkeypatch.setattr(hyena, 'SHORT_CONV', short)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=256, vocab_size=128, n_layer=2, n_head=2, n_embd=64, hyena_layers=[1],
+    model = GPT(GPTConfig(block_size=256, vocab_size=128, n_layer=3, n_head=2, n_embd=64, hyena_layers=[1, 2],
                           dropout=0.0)).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     batches = [torch.randint(0, 128, (2, 257), device='cuda') for _ in range(3)]
 
-    def accumulated(run, graphs):
+    def accumulated(run, graphs, taps):
         T.clear_grads(optimizer, graphs)
-        for b in batches:
+        taps.begin()
+        for micro, b in enumerate(batches):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            _, loss = run(b[:, :-1], b[:, 1:])
+            _, loss = run(b[:, :-1], b[:, 1:], taps=taps.taps(micro))
             loss.backward()
         return {name: p.grad.clone() for name, p in model.named_parameters()}
-    expected = accumulated(model, False)
+    expected = accumulated(model, False, T.SharedTaps(model, 256, 1))  # eager, each micro-step its own taps
+    taps = T.SharedTaps(model, 256, 3 if shared else 1)
     compiled = torch.compile(model, dynamic=False, mode='reduce-overhead')
-    for run in range(3):  # warm-up, record, replay
-        got = accumulated(compiled, True)
-        errors = {name: rel_err(got[name], expected[name]) for name in expected}
-        assert max(errors.values()) < 1e-4, (run, sorted(errors.items(), key=lambda e: -e[1])[:4])
+    with torch._dynamo.config.patch(error_on_recompile=True):  # (monkeypatch's undo would delete the entry)
+        for run in range(3):  # warm-up, record, replay
+            got = accumulated(compiled, True, taps)
+            errors = {name: rel_err(got[name], expected[name]) for name in expected}
+            assert max(errors.values()) < 1e-4, (run, sorted(errors.items(), key=lambda e: -e[1])[:4])
 
 
 def test_guarded_step_with_fused_adamw_launches_without_a_host_sync_and_skips_nonfinite_steps():

@@ -425,6 +425,9 @@ def test_compile_that_cannot_build_falls_back_to_eager_with_a_message(monkeypatc
     assert 'running eager' in capsys.readouterr().out
 
 
+# torch's default, restored after the test by torch's own patch: monkeypatch's undo deletes a torch config entry,
+# which later DDP constructions then fail to read
+@torch._dynamo.config.patch(optimize_ddp=True)
 def test_under_ddp_gradients_are_bucket_views_buffers_are_not_rebroadcast_and_the_model_is_one_graph(
         monkeypatch, tmp_path):
     # dynamo's DDP optimizer (a graph split at every gradient bucket) cost more than the overlap it buys on one node;
@@ -443,7 +446,6 @@ def test_under_ddp_gradients_are_bucket_views_buffers_are_not_rebroadcast_and_th
             return out, out.square().mean()
 
     monkeypatch.setattr(torch, 'compile', lambda model, **kwargs: Compiled(model))
-    monkeypatch.setattr(torch._dynamo.config, 'optimize_ddp', True)  # torch's default; restored after the test
     torch.distributed.init_process_group('gloo', init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                                          world_size=1)
     out = None

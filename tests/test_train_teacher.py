@@ -114,3 +114,78 @@ def test_batches_are_a_function_of_their_index(tiny_data):
     assert not torch.equal(other_rank.get_batch('train', 7)[0], x1)
     eval_batch = data.get_batch('train', 7, stream=T.EVAL_STREAM)[0]
     assert not torch.equal(eval_batch, x1)  # evaluation draws from its own stream
+
+
+def tiny_student():
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=3, n_head=2, n_embd=16, dropout=0.0,
+                         hyena_layers=[0, 2]))  # a hybrid: attention in layer 1
+
+
+def micro_batches(accum):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 32, (2, 17), generator=g) for _ in range(accum)]
+
+
+def iteration_grads(model, call, accum, shared=None):
+    """Parameter gradients of one iteration: `accum` micro-steps of the mean loss, as the training loops run it."""
+    model.zero_grad(set_to_none=True)
+    if shared is not None:
+        shared.begin()
+    for micro, batch in enumerate(micro_batches(accum)):
+        taps = shared.taps(micro) if shared is not None else None
+        _, loss = call(batch[:, :-1], batch[:, 1:], taps=taps)
+        (loss / accum).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_shared_taps_give_the_gradients_of_micro_steps_that_compute_their_own():
+    model = tiny_student()
+    reference = iteration_grads(model, model, 3)
+    shared = iteration_grads(model, model, 3, T.SharedTaps(model, 16, 3))
+    assert reference.keys() == shared.keys()
+    for name in reference:
+        torch.testing.assert_close(shared[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert reference['transformer.h.0.mixer.filter.bias'].abs().sum() > 0  # the filters did get gradients
+
+
+def test_shared_taps_run_the_filter_mlps_once_per_iteration(monkeypatch):
+    model = tiny_student()
+    calls = []
+    filter_taps = model.filter_taps
+    monkeypatch.setattr(model, 'filter_taps', lambda T: calls.append(T) or filter_taps(T))
+    iteration_grads(model, model, 4, T.SharedTaps(model, 16, 4))
+    assert calls == [16]
+    calls.clear()
+    iteration_grads(model, model, 1, T.SharedTaps(model, 16, 1))  # one micro-step: the model computes its own
+    assert calls == [16]
+
+
+def test_under_ddp_shared_taps_reach_the_filters_on_the_synced_micro_step(tmp_path):
+    # DDP all-reduces what the last micro-step's backward accumulates; the filters' gradients must arrive there,
+    # or its reducer never finishes and the next iteration's forward raises
+    from torch.nn.parallel import DistributedDataParallel
+    model = tiny_student()
+    reference = iteration_grads(model, model, 3)
+    torch.distributed.init_process_group('gloo', init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    ddp = None
+    try:
+        ddp = DistributedDataParallel(model)
+        shared = T.SharedTaps(model, 16, 3)
+
+        def call(x, y, taps):
+            ddp.require_backward_grad_sync = taps is not shared.leaves  # sync on the last micro-step only
+            return ddp(x, y, taps=taps)
+        for _ in range(2):
+            grads = iteration_grads(model, call, 3, shared)
+        for name in reference:
+            torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
+    finally:  # as in test_reliability's DDP tests: the reducer first, then gloo's workers, then the group
+        del ddp
+        import gc
+        import time
+        gc.collect()
+        time.sleep(0.1)
+        torch.distributed.destroy_process_group()
