@@ -280,12 +280,12 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
         wrapped = ddp(torch.compile(model, dynamic=False, mode=mode))
         if example_batch is not None:
             torch.compiler.cudagraph_mark_step_begin()
-            taps = None
+            kwargs = {}
             if shared_taps is not None:
                 shared_taps.begin()
-                taps = shared_taps.taps(0)
+                kwargs['taps'] = shared_taps.taps(0)
             with ctx:
-                _, loss = wrapped(*example_batch, **({} if taps is None else {'taps': taps}))
+                _, loss = wrapped(*example_batch, **kwargs)
             loss.backward()
             model.zero_grad(set_to_none=True)
         return wrapped, True
@@ -304,7 +304,7 @@ class SharedTaps:
     """The Hyena filters' taps computed once per optimizer step and shared by its micro-steps. The taps are a
     function of the filter parameters alone, not of the batch, so an iteration of `accum` micro-steps needs the
     filter MLPs' forward and backward once, not `accum` times (the 12-layer student's ~35 small kernels each way,
-    ~0.25 ms of a 37 ms micro-step at block 1024 on an H100; BENCHMARKS.md, thirty-first session).
+    ~0.25 ms of a 37 ms micro-step at block 1024 on an H100 in the thirtieth session's profile; BENCHMARKS.md).
 
         shared = SharedTaps(raw_model, block_size, accum)
         shared.begin()                                     # each iteration, before its first micro-step

@@ -1,6 +1,8 @@
 """train_teacher.py on a tiny synthetic dataset (CPU): it learns, checkpoints, resumes exactly, trains Hyena."""
+import gc
 import math
 import os
+import time
 
 import torch
 
@@ -184,8 +186,6 @@ def test_under_ddp_shared_taps_reach_the_filters_on_the_synced_micro_step(tmp_pa
             torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
     finally:  # as in test_reliability's DDP tests: the reducer first, then gloo's workers, then the group
         del ddp
-        import gc
-        import time
         gc.collect()
         time.sleep(0.1)
         torch.distributed.destroy_process_group()
