@@ -442,6 +442,17 @@ def render():
 ENV = {'copy_GBps': None}
 
 
+def copy_gbps():
+    """The device-to-device copy bandwidth (GB/s, read + write), the yardstick of the memory floors; measured
+    once per run, by env or by the first section that needs it (an assumed figure would be another GPU's)."""
+    if ENV['copy_GBps'] is None:
+        src = torch.randn(copy_mb * 2 ** 20 // 4, device=device)
+        dst = torch.empty_like(src)
+        ms = bench_ms(lambda: dst.copy_(src))
+        ENV['copy_GBps'] = 2 * src.numel() * 4 / (ms / 1e3) / 1e9
+    return ENV['copy_GBps']
+
+
 def section_env():
     rows, notes = [], []
     def add(what, value):
@@ -455,14 +466,8 @@ def section_env():
     except Exception:
         add('triton', 'n/a: not installed')
     add('date', datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))
-    n = copy_mb * 2 ** 20 // 4
     try:
-        src = torch.randn(n, device=device)
-        dst = torch.empty_like(src)
-        ms = bench_ms(lambda: dst.copy_(src))
-        ENV['copy_GBps'] = 2 * src.numel() * 4 / (ms / 1e3) / 1e9
-        add('device-to-device copy GB/s (read + write)', ENV['copy_GBps'])
-        del src, dst
+        add('device-to-device copy GB/s (read + write)', copy_gbps())
     except Exception as e:
         add('device-to-device copy GB/s (read + write)', error_cell(e))
     try:
@@ -682,11 +687,8 @@ def section_fftconv():
     move: forward reads u and writes y (2 B each per element, bf16); forward + backward also reads the
     incoming gradient g and u again and writes grad u (2 B each). Filter and skip (C * L fp32, k, grad k)
     are counted too but are negligible."""
-    bw = ENV['copy_GBps']
+    bw = copy_gbps()
     notes = []
-    if not bw:
-        bw = 4300.0 if CUDA else 10.0
-        notes.append(f'copy bandwidth not measured in this run: using {bw} GB/s')
     columns = ['L', 'B', 'variant', 'fwd ms', 'fwd floor ms', 'fwd / floor', 'fwd+bwd ms', 'fwd+bwd floor ms',
                'fwd+bwd / floor', 'MB']
     rows = []
@@ -727,7 +729,7 @@ def section_fftconv():
             rows.append(row)
             free_memory()
     notes.append(f'C={C}, B*L={fftconv_tokens}, u and y bf16, k and D fp32; floor = bytes / {bw:.0f} GB/s '
-                 '(the copy bandwidth measured in env); bytes: fwd 4 B per element of u (read u, write y), '
+                 '(the measured copy bandwidth); bytes: fwd 4 B per element of u (read u, write y), '
                  'fwd+bwd 10 B per element (also read g, read u, write grad u) plus the filter (C*L*4 B per '
                  'pass). MB: peak memory above inputs during one fwd+bwd.')
     notes.append("fft sizes: 'smooth' and 'pow2' agree whenever 2L is a power of two; the 1536/3072/6144 rows "
@@ -779,7 +781,7 @@ def section_kernels():
     if why or not fftconv_triton.one_kernel(L):
         why = why or f'n/a: kernel_block={L} takes the four-step path'
         return columns, [{'kernel': n, **{c: why for c in columns[1:]}} for n in names], []
-    bw = ENV['copy_GBps'] or (4300.0 if CUDA else 10.0)
+    bw = copy_gbps()
     dtype, prec = (torch.bfloat16, 'bf16') if CUDA else (torch.float32, 'ieee')  # the interpreter: fp32 dots only
     spectrum_prec = fftconv_triton.SPECTRUM_DOT[prec]
     _, N1, N2 = fftconv_triton._mfft_plan(L)
@@ -833,7 +835,7 @@ def section_kernels():
         rows.append(row)
     timer = f'CUDA-graph replays of {kernel_reps} back-to-back calls (median)' if CUDA else 'interpreted, host clock'
     notes = [f'B={B}, L={L}, C={C}, {str(dtype)[6:]} activations, dots {prec}; us: {timer}',
-             f'floor: MB moved at {bw:.0f} GB/s (the copy bandwidth of env); conv backward '
+             f'floor: MB moved at {bw:.0f} GB/s (the measured copy bandwidth); conv backward '
              + ('writes grad u too (FFT size <= TRITON_MERGED_BWD_MAX_N)' if merged_bwd else 'without grad u'),
              'gate_in_bwd, gate_out_bwd: the kernel and the sum of its partial weight-gradient sums over programs']
     if kernel_sweep:
