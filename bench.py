@@ -916,15 +916,16 @@ def build_train_step(opts, block, batch, accum=1):
     torch.manual_seed(seed)
     model = GPT(gpt_config(opts['kind'], block)).to(device)
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cuda' if CUDA else 'cpu')
-    # under CUDA graphs, gradients that micro-steps accumulate into are allocated before the first step too
-    # (training.clear_grads); a lone micro-step's are read by opt.step before the next replay can overwrite them
-    training.clear_grads(opt, opts['graphs'] and accum > 1)
     fn = compile_model(model, opts)
     shared = training.SharedTaps(model, block, accum if model_share_taps else 1)
     idx = torch.randint(0, vocab_size, (batch, block + 1), device=device)
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
 
     def step():
+        # cleared before each step, the first included: under CUDA graphs, gradients that micro-steps accumulate
+        # into must be allocated (training.clear_grads); a lone micro-step's are read by opt.step before the next
+        # replay can overwrite them
+        training.clear_grads(opt, opts['graphs'] and accum > 1)
         shared.begin()
         for micro in range(accum):
             new_step(opts)
@@ -932,7 +933,6 @@ def build_train_step(opts, block, batch, accum=1):
                 _, loss = fn(x, y, taps=shared.taps(micro))
             (loss / accum).backward()
         opt.step()
-        training.clear_grads(opt, opts['graphs'] and accum > 1)
     return step, model
 
 
