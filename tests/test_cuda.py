@@ -166,9 +166,14 @@ def test_cuda_graph_training_accumulates_the_same_gradients_as_eager(impl, short
     # compile_mode='reduce-overhead' in the training loops: the micro-steps' gradients add up as in eager, also
     # with the filters' taps shared by the micro-steps (training.SharedTaps), whose last micro-step passes them
     # through an identity of its own: one graph for all three (a recompile would be an error here)
+    import fftconv_triton
     import training as T
     monkeypatch.setattr(hyena, 'FFTCONV_IMPL', impl)
     monkeypatch.setattr(hyena, 'SHORT_CONV', short)
+    # exact fp32 matmuls: with tf32 ones the two runs' roundings differ, and the first layers of the filter MLPs
+    # (the end of a long chain of gradients) differed by up to 1.4e-4 on an H100; a wrong accumulation is O(1)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    monkeypatch.setattr(fftconv_triton, 'TRITON_DOT', 'ieee')
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=128, n_layer=3, n_head=2, n_embd=64, hyena_layers=[1, 2],
                           dropout=0.0)).cuda()
