@@ -13,6 +13,14 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def exact_fp32_matmuls(monkeypatch):
+    """No tf32 in cuBLAS's matmuls or the Triton kernels' dots, so that two runs of one computation that round
+    differently (compiled and eager, or two code paths) agree to fp32."""
+    import fftconv_triton
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    monkeypatch.setattr(fftconv_triton, 'TRITON_DOT', 'ieee')
+
+
 @pytest.mark.parametrize('impl', ['plain', 'fast', 'triton'])
 @pytest.mark.parametrize('L', [7, 1000, 1024, 1537, 4096, 16384])
 def test_fftconv_on_cuda_matches_float64_reference(impl, L):
@@ -82,9 +90,7 @@ def test_compiled_fftconv_gradients_match_eager(impl, L, dtype):
 def test_fused_gates_give_the_torch_paths_values_and_gradients(impl, monkeypatch):
     # T = 1000: the last time tile of each row is partial (tiles of 16 and 64 steps); 96 channels: a partial block
     # for the 128-wide tiles (gates_triton.TILES); K = 4
-    import fftconv_triton
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    monkeypatch.setattr(fftconv_triton, 'TRITON_DOT', 'ieee')  # exact: the two runs' convolutions agree
+    exact_fp32_matmuls(monkeypatch)  # the two runs' convolutions agree
     torch.manual_seed(0)
     op = HyenaOperator(96, l_max=1000, short_filter_order=4).cuda()
     x, g = torch.randn(5, 1000, 96, device='cuda'), torch.randn(5, 1000, 96, device='cuda')
@@ -166,14 +172,12 @@ def test_cuda_graph_training_accumulates_the_same_gradients_as_eager(impl, short
     # compile_mode='reduce-overhead' in the training loops: the micro-steps' gradients add up as in eager, also
     # with the filters' taps shared by the micro-steps (training.SharedTaps), whose last micro-step passes them
     # through an identity of its own: one graph for all three (a recompile would be an error here)
-    import fftconv_triton
     import training as T
     monkeypatch.setattr(hyena, 'FFTCONV_IMPL', impl)
     monkeypatch.setattr(hyena, 'SHORT_CONV', short)
-    # exact fp32 matmuls: with tf32 ones the two runs' roundings differ, and the first layers of the filter MLPs
-    # (the end of a long chain of gradients) differed by up to 1.4e-4 on an H100; a wrong accumulation is O(1)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    monkeypatch.setattr(fftconv_triton, 'TRITON_DOT', 'ieee')
+    # with tf32 the two runs' roundings differ, and the first layers of the filter MLPs (the end of a long chain of
+    # gradients) differed by up to 1.4e-4 on an H100; a wrong accumulation is O(1)
+    exact_fp32_matmuls(monkeypatch)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=128, n_layer=3, n_head=2, n_embd=64, hyena_layers=[1, 2],
                           dropout=0.0)).cuda()
