@@ -109,7 +109,8 @@ if master:
 
 # ---- the teacher: frozen, eval mode
 if teacher.endswith('.pt'):
-    teacher_ckpt = T.load_checkpoint(teacher)
+    teacher_ckpt = T.load_checkpoint(teacher, if_missing='train a teacher first with train_teacher.py, or pass '
+                                      '--teacher=<its ckpt.pt, a GPT-2 name or a local Hugging Face folder>')
     teacher_model = T.model_from_checkpoint(teacher_ckpt)
     teacher_tokens = teacher_ckpt.get('tokens_seen')
     del teacher_ckpt
@@ -191,7 +192,7 @@ def check_compatible(student):
 history, throughput = [], {}  # eval records (for the report), tokens/s per stage
 stage, stage_it, opt_state, opt_key, scratch_state, last_saved = STAGES[0], 0, None, None, None, None
 if init_from == 'resume':
-    ckpt = T.load_checkpoint(ckpt_path)
+    ckpt = T.load_checkpoint(ckpt_path, if_missing='nothing to resume in --out_dir; start with --init_from=teacher')
     student = T.model_from_checkpoint(ckpt).to(dist.device)
     check_compatible(student)
     stage, stage_it, opt_state, opt_key = ckpt['stage'], ckpt['stage_iter'], ckpt['optimizer'], ckpt['opt_key']

@@ -482,7 +482,7 @@ def main():
     config = configure(globals())
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    src = load_checkpoint(ckpt)
+    src = load_checkpoint(ckpt, if_missing="pass --ckpt=<a distilled student's ckpt.pt>")
     if 'modal' in src:
         fail(f"{ckpt} is already a recurrent checkpoint; pass the convolutional student's checkpoint")
     model = model_from_checkpoint(src).to(dev).eval()

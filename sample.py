@@ -46,7 +46,8 @@ torch.manual_seed(seed)
 if init_from == 'resume' or init_from.endswith('.pt') or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
     path = (os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else
             init_from if init_from.endswith('.pt') else os.path.join(init_from, 'ckpt.pt'))
-    model = T.model_from_checkpoint(T.load_checkpoint(path))
+    model = T.model_from_checkpoint(T.load_checkpoint(path, if_missing='pass --init_from=<a .pt path, a run folder, '
+                                                                     'a GPT-2 name or a Hugging Face folder>'))
     source = path
 else:
     from model import GPT

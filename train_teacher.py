@@ -103,7 +103,8 @@ if init_from == 'scratch':
     model_args = {k: config[k] for k in MODEL_KEYS} | {'hyena_layers': layers}
     model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
-    checkpoint = T.load_checkpoint(ckpt_path)
+    checkpoint = T.load_checkpoint(ckpt_path,
+                                   if_missing='nothing to resume in --out_dir; start with --init_from=scratch')
     model_args = checkpoint['model_args']
     changed = [k for k in MODEL_KEYS if k != 'hyena_layers' and k in model_args and model_args[k] != config[k]]
     if changed and master:

@@ -611,13 +611,13 @@ def save_checkpoint(obj, path):
         pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
 
 
-def load_checkpoint(path, map_location='cpu', required=('model', 'model_args')):
+def load_checkpoint(path, map_location='cpu', required=('model', 'model_args'), if_missing='check the path'):
     """Load a checkpoint dict written by save_checkpoint (tensors, numbers, strings, lists, dicts only:
     weights_only loading). Missing, truncated, corrupt or foreign files, or a dict lacking the `required`
-    keys, give a one-line error naming the file. The model state dict comes back without
-    `_orig_mod.`/`module.` prefixes."""
+    keys, give a one-line error naming the file (a missing one with the caller's fix, `if_missing`). The model
+    state dict comes back without `_orig_mod.`/`module.` prefixes."""
     if not os.path.exists(path):
-        fail(f"checkpoint {path} not found")
+        fail(f"checkpoint {path} not found; {if_missing}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:

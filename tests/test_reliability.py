@@ -303,6 +303,16 @@ def test_missing_dataset_names_the_prepare_script(tmp_path):
                           'data/textfiles/prepare.py')
 
 
+@pytest.mark.parametrize('script,args,fix', [
+    ('distill.py', ['--teacher={tmp}/ckpt.pt', '--out_dir={tmp}/out'], 'train a teacher first with train_teacher.py'),
+    ('train_teacher.py', ['--init_from=resume', '--out_dir={tmp}'], 'nothing to resume in --out_dir'),
+    ('sample.py', ['--init_from={tmp}/ckpt.pt'], 'pass --init_from='),
+    ('recurrent.py', ['--ckpt={tmp}/ckpt.pt'], "pass --ckpt=<a distilled student's ckpt.pt>")])
+def test_missing_checkpoint_is_a_one_line_error_saying_what_to_pass(script, args, fix, tmp_path):
+    proc = run_script(script, *(arg.format(tmp=tmp_path) for arg in args))
+    assert_one_line_error(proc, f'checkpoint {tmp_path}/ckpt.pt not found', fix)
+
+
 def test_nonexistent_device_is_a_one_line_error(tiny_data, tmp_path):
     proc = run_script('train_teacher.py', *train_args(tiny_data, tmp_path), '--device=cuda:7')
     assert_one_line_error(proc, "device 'cuda:7' does not exist")
