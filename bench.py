@@ -24,7 +24,9 @@ Variants are strings, so one call compares them all:
     graphs                   CUDA graphs: torch.compile's mode='reduce-overhead' (implies compile; with model and
                              distill variants the compiled blocks or model replay as CUDA graphs)
     e.g. 'hyena-triton-bf16-compile'. fftconv_variants take the same options without the leading kind.
-  model_variants / distill_variants: 'teacher' or 'student' with the same options, e.g. 'student-triton'.
+  model_variants: 'teacher' or 'student' with the same options, e.g. 'student-triton'; distill_variants: 'student'
+  with them (its teacher compiled the same way); profile_variants: any of the four kinds. bench.py checks every
+  list before it runs a section.
 """
 import contextlib
 import datetime
@@ -324,6 +326,25 @@ def hyena_settings(opts):
         for module, values in old.items():
             for k, v in values.items():
                 setattr(module, k, v)
+
+
+# the kinds each list of variants may name (fftconv_variants: options alone)
+VARIANT_KINDS = dict(check_op_variants=('hyena',), mixer_variants=('attention', 'hyena'), fftconv_variants=('fftconv',),
+                     model_variants=('teacher', 'student'), profile_variants=('teacher', 'student', 'attention', 'hyena'),
+                     distill_variants=('student',))
+
+
+def check_variants():
+    """Every variant list parsed before the first section runs: a typo is a one-line error, not a section error
+    after minutes of other sections."""
+    for key, kinds in VARIANT_KINDS.items():
+        for spec in globals()[key]:
+            try:
+                kind = parse_variant('fftconv-' + spec if kinds == ('fftconv',) else spec)['kind']
+            except ValueError as e:
+                raise SystemExit(f"bench.py: {key}: {e}; see the variants in bench.py's docstring")
+            if kind not in kinds:
+                raise SystemExit(f"bench.py: {key}: variant {spec!r} must start with {' or '.join(kinds)}")
 
 
 def triton_unavailable(opts):
@@ -1138,6 +1159,7 @@ def main():
         raise SystemExit(f"bench.py: unknown sections {unknown}; valid: {list(SECTIONS)}")
     if compile_scope not in ('model', 'blocks'):
         raise SystemExit(f"bench.py: compile_scope='{compile_scope}' is not one of model, blocks")
+    check_variants()
     torch.manual_seed(seed)
     if cpu_threads:
         torch.set_num_threads(cpu_threads)

@@ -117,6 +117,16 @@ def test_bench_rejects_an_unknown_compile_scope_in_one_line():
     assert "compile_scope='layers' is not one of model, blocks" in proc.stderr
 
 
+@pytest.mark.parametrize('override,message', [
+    ("--model_variants=['student-trition']", "model_variants: variant 'student-trition': unknown option 'trition'"),
+    ("--distill_variants=['teacher']", "distill_variants: variant 'teacher' must start with student")])
+def test_bench_rejects_a_bad_variant_in_one_line_before_any_section(override, message):
+    proc = subprocess.run([sys.executable, 'bench.py', '--device=cpu', override], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr and '## ' not in proc.stdout
+    assert message in proc.stderr
+
+
 def test_parse_variant_and_kd_loss():
     import bench
     opts = bench.parse_variant('hyena-triton-bf16-pow2-compile')
