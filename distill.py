@@ -94,6 +94,14 @@ short_conv = 'auto'  # Hyena short convs + gates: 'auto' (torch), 'fused' (Trito
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
+T.check_ranges(config, {
+    '> 0': ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'hyena_filter_order',
+            'hyena_short_filter_order', 'hyena_filter_freq', 'kd_temperature'),
+    '>= 0': ('block_size', 'align_iters', 'kd_iters', 'align_lr', 'kd_lr', 'scratch_lr', 'weight_decay', 'grad_clip',
+             'warmup_iters', 'filter_lr_scale'),
+    '>= -1': ('scratch_iters',),
+    'in [0, 1)': ('beta1', 'beta2'),
+    'in [0, 1]': ('kd_alpha', 'min_lr_ratio')})
 T.speed_settings(compile_mode, fftconv_impl, triton_dot, short_conv)
 if align_mode not in ('progressive', 'parallel'):
     T.fail(f"align_mode='{align_mode}' is not 'progressive' or 'parallel'")

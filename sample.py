@@ -37,6 +37,7 @@ dtype = 'auto'
 use_cache = True  # KV cache (attention) / Hyena cache; False re-runs the whole context per token
 # -----------------------------------------------------------------------------
 config = configure(globals())
+T.check_ranges(config, {'> 0': ('num_samples', 'temperature', 'top_k'), '>= 0': ('max_new_tokens',)})
 
 device = T.resolve_device(device)
 prec = T.setup_precision(device, dtype)

@@ -81,6 +81,12 @@ short_conv = 'auto'  # Hyena short convs + gates: 'auto' (torch), 'fused' (Trito
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
+T.check_ranges(config, {
+    '> 0': ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size',
+            'n_head', 'n_embd', 'vocab_size', 'hyena_filter_order', 'hyena_short_filter_order', 'hyena_filter_freq'),
+    '>= 0': ('n_layer', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
+             'grad_clip', 'filter_lr_scale'),
+    'in [0, 1)': ('dropout', 'beta1', 'beta2')})
 T.speed_settings(compile_mode, fftconv_impl, triton_dot, short_conv)
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout', 'pos_emb',
               'hyena_layers', 'hyena_order', 'hyena_filter_order', 'hyena_emb_dim', 'hyena_filter_freq',

@@ -313,6 +313,21 @@ def test_missing_checkpoint_is_a_one_line_error_saying_what_to_pass(script, args
     assert_one_line_error(proc, f'checkpoint {tmp_path}/ckpt.pt not found', fix)
 
 
+@pytest.mark.parametrize('script,override,message', [
+    ('train_teacher.py', '--batch_size=0', 'batch_size=0 is out of range: it must be > 0'),
+    ('train_teacher.py', '--eval_iters=0', 'eval_iters=0 is out of range: it must be > 0'),
+    ('train_teacher.py', '--dropout=1.5', 'dropout=1.5 is out of range: it must be in [0, 1)'),
+    ('train_teacher.py', '--n_head=5', 'n_embd=768 is not divisible by n_head=5'),
+    ('train_teacher.py', '--hyena_emb_dim=32', 'hyena_emb_dim=32 must be odd and >= 3'),
+    ('distill.py', '--kd_alpha=1.5', 'kd_alpha=1.5 is out of range: it must be in [0, 1]'),
+    ('distill.py', '--scratch_iters=-2', 'scratch_iters=-2 is out of range: it must be >= -1'),
+    ('sample.py', '--temperature=0', 'temperature=0.0 is out of range: it must be > 0'),
+    ('recurrent.py', '--d_state=0', 'd_state=0 is out of range: it must be > 0')])
+def test_out_of_range_setting_is_a_one_line_error_before_anything_runs(script, override, message, tmp_path):
+    out = [] if script == 'recurrent.py' else [f'--out_dir={tmp_path}']
+    assert_one_line_error(run_script(script, override, *out), message)
+
+
 def test_nonexistent_device_is_a_one_line_error(tiny_data, tmp_path):
     proc = run_script('train_teacher.py', *train_args(tiny_data, tmp_path), '--device=cuda:7')
     assert_one_line_error(proc, "device 'cuda:7' does not exist")
