@@ -440,7 +440,7 @@ RESULTS = {'meta': {}, 'sections': {}}
 def save():
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'bench.json'), 'w') as f:
-        json.dump(RESULTS, f, indent=1, default=str)
+        json.dump(training.strict_json(RESULTS), f, indent=1, default=str)
     with open(os.path.join(out_dir, 'bench.md'), 'w') as f:
         f.write(render())
 

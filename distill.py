@@ -13,7 +13,8 @@ Stages, each with its own iterations and learning rate (0 iterations skips a sta
            operator's output and the teacher attention's output on the same input, normalised by the
            target's mean square (so it reads as a relative error, comparable across layers).
            align_mode='progressive': layers are replaced one at a time, in order; layer i trains on the
-           inputs that the student's already distilled layers 0..i-1 produce (align_iters split evenly).
+           inputs that the student's already distilled layers 0..i-1 produce (align_iters split evenly, the
+           last layer taking the remainder).
            align_mode='parallel': all layers at once, each on the teacher's own inputs.
   kd       end to end on the logits: alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE(labels)
            (Hinton et al. 2015); the teacher frozen, eval mode, no grad.
@@ -60,7 +61,7 @@ hyena_filter_freq = 14.0
 hyena_short_filter_order = 3
 filter_lr_scale = 1.0  # Hyena filter parameters train at lr * filter_lr_scale, without weight decay
 # stage align
-align_iters = 100  # 0 skips; progressive mode gives each layer align_iters // len(hyena_layers)
+align_iters = 100  # 0 skips; progressive: align_iters // len(hyena_layers) per layer, the last takes the rest
 align_lr = 1e-3
 align_mode = 'progressive'  # 'progressive' or 'parallel'
 # stage kd
@@ -72,7 +73,8 @@ kd_freeze_copied = False  # True: only the Hyena operators train, every weight c
 # stage scratch (the baseline)
 scratch_iters = -1  # -1: as many as align + kd (the same student token budget); 0 skips
 scratch_lr = 6e-4
-# optimizer and schedule (per stage: linear warmup, cosine to lr * min_lr_ratio)
+# optimizer and schedule (per stage, and per layer in progressive align: linear warmup over at most half of it,
+# cosine to lr * min_lr_ratio)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -133,6 +135,9 @@ if block_size > teacher_model.config.block_size:
 layers = T.parse_layers('all' if hyena_layers is None else hyena_layers, teacher_model.config.n_layer)
 if not layers:
     T.fail("hyena_layers selects no layer: nothing to distil; use 'all' or a list of layer indices")
+if align_mode == 'progressive' and 0 < align_iters < len(layers):
+    T.fail(f"align_iters={align_iters} leaves some of the {len(layers)} layers no progressive align iteration; "
+           f"raise it to {len(layers)} or more, or pass --align_mode=parallel")
 
 data = T.TokenData(data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset),
                    block_size, batch_size, dist.device, vocab_size=teacher_model.config.vocab_size,
@@ -182,18 +187,36 @@ def new_student():
     args = dataclasses.asdict(teacher_model.config) | HYENA_ARGS | dict(block_size=block_size)
     student = GPT(GPTConfig(**args))
     state = teacher_model.state_dict()
-    if block_size < teacher_model.config.block_size:
+    if block_size < teacher_model.config.block_size and 'transformer.wpe.weight' in state:
         state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:block_size]
     student.load_state_dict(state)
     return student.to(dist.device)
 
 
-def check_compatible(student):
+def new_scratch():
+    """The baseline: the student's architecture, every layer of `layers` Hyena, from the same random init on
+    every rank."""
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**dataclasses.asdict(student.config) | dict(hyena_layers=layers))).to(dist.device)
+
+
+def check_resumable(ckpt, student):
+    """One-line errors for a checkpoint this run cannot continue: not a distill.py one, another teacher's
+    student, another block_size, or stopped in a stage this run's settings skip."""
+    if 'stage' not in ckpt:
+        T.fail(f"{ckpt_path} is not a distill.py checkpoint (a teacher's?); pass it as --teacher and start with "
+               f"--init_from=teacher, or point --out_dir at a distill run")
     t, s = teacher_model.config, student.config
     for key in ('vocab_size', 'n_embd', 'n_layer'):
         if getattr(t, key) != getattr(s, key):
             T.fail(f"teacher {teacher} and student {ckpt_path} differ in {key} ({getattr(t, key)} vs "
                    f"{getattr(s, key)}): resume with the teacher this student was distilled from")
+    if s.block_size != block_size:
+        T.fail(f"student {ckpt_path} was distilled at block_size {s.block_size}, this run asks {block_size}: "
+               f"resume with --block_size={s.block_size}")
+    if ckpt['stage'] not in STAGES and ckpt['stage'] != 'done':
+        T.fail(f"{ckpt_path} stopped in stage {ckpt['stage']}, which this run skips ({ckpt['stage']}_iters=0): "
+               f"resume with the iterations the run started with")
 
 
 # ---- state: fresh or resumed
@@ -202,7 +225,7 @@ stage, stage_it, opt_state, opt_key, scratch_state, last_saved = STAGES[0], 0, N
 if init_from == 'resume':
     ckpt = T.load_checkpoint(ckpt_path, if_missing='nothing to resume in --out_dir; start with --init_from=teacher')
     student = T.model_from_checkpoint(ckpt).to(dist.device)
-    check_compatible(student)
+    check_resumable(ckpt, student)
     stage, stage_it, opt_state, opt_key = ckpt['stage'], ckpt['stage_iter'], ckpt['optimizer'], ckpt['opt_key']
     history, throughput, scratch_state = ckpt['history'], ckpt['throughput'], ckpt.get('scratch_model')
     T.agree_across_ranks(stage_rank(stage) * 10 ** 9 + stage_it, dist)
@@ -214,7 +237,7 @@ else:
     T.fail(f"init_from='{init_from}' is not 'teacher' or 'resume'")
 scratch = None
 if stage == 'scratch' or scratch_state is not None:
-    scratch = GPT(GPTConfig(**dataclasses.asdict(student.config))).to(dist.device)
+    scratch = new_scratch()
     if scratch_state is not None:
         scratch.load_state_dict(T.clean_state_dict(scratch_state))
 logger = T.JsonlLogger(os.path.join(out_dir, 'log.jsonl'), enabled=master)
@@ -355,7 +378,7 @@ def write_report():
         r['val_ppl'] = math.exp(r['val_loss'])
     report = dict(config=config, teacher_val_loss=teacher_val, rows=rows, curves=history)
     with open(os.path.join(out_dir, 'report.json'), 'w') as f:
-        json.dump(report, f, indent=1)
+        json.dump(T.strict_json(report), f, indent=1)
     fmt = lambda v, spec: 'n/a' if v is None else format(v, spec)
     lines = [f"# Scavenging Hyena: distilled vs scratch ({dataset})", "",
              "| model | parameters | tokens trained | val loss | val ppl | train tokens/s |",
@@ -431,7 +454,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         student.requires_grad_(False)
         for i in train_layers:
             student.transformer.h[i].mixer.requires_grad_(True)
-        run_model, lr_max, raw = student, align_lr, student
+        raw, lr_max = student, align_lr
     elif stage_name == 'kd':
         student.requires_grad_(not kd_freeze_copied)
         for i in layers:
@@ -439,13 +462,16 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
         raw, lr_max = student, kd_lr
     else:
         if scratch is None:
-            torch.manual_seed(seed)  # the same random init on every rank
-            scratch = GPT(GPTConfig(**dataclasses.asdict(student.config))).to(dist.device)
+            scratch = new_scratch()
         raw, lr_max = scratch, scratch_lr
     raw.train()
     optimizer = raw.configure_optimizers(weight_decay, lr_max, (beta1, beta2), device_type, filter_lr_scale)
     if opt_state is not None and opt_key == key and stage_name == stage:
-        optimizer.load_state_dict(opt_state)
+        try:
+            optimizer.load_state_dict(opt_state)
+        except ValueError:  # other parameters train than when it was saved
+            T.fail(f"{ckpt_path}'s optimizer state does not fit the parameters this run trains in stage {stage_name} "
+                   f"(was kd_freeze_copied changed?): resume with the settings the run started with")
     opt_state = None
     alpha = kd_alpha if stage_name == 'kd' else 0.0
     run_name = 'scratch' if stage_name == 'scratch' else 'distilled'  # the report's two curves
@@ -473,7 +499,8 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
             print(f"stopped by {stop.name} in stage {stage_name} at iteration {it}; resume with --init_from=resume",
                   flush=True)
             T.finish(dist, stop.exit_code)
-        lr = T.get_lr(it - phase_start, lr_max, warmup_iters, phase_iters, lr_max * min_lr_ratio)
+        # warmup over at most half the phase: a progressive align phase (one layer) can be as short as the warmup
+        lr = T.get_lr(it - phase_start, lr_max, min(warmup_iters, phase_iters // 2), phase_iters, lr_max * min_lr_ratio)
         T.set_lr(optimizer, lr)
         index = batch_offset[stage_name] + it
         T.seed_step(seed, dist.rank, index)

@@ -788,6 +788,17 @@ class Progress:
         self.bar.close()
 
 
+def strict_json(obj):
+    """obj with every NaN/inf float, however deep in dicts and lists, as None: json writes null, not NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 class JsonlLogger:
     """Append one JSON object per line to path (when enabled: the master rank), flushed each time, so a
     killed run keeps its log; NaN/inf become null (strict JSON). A resumed run appends to the same file."""
@@ -802,9 +813,8 @@ class JsonlLogger:
         if not self.enabled:
             return
         fields.setdefault('time', round(time.time(), 3))
-        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
         with open(self.path, 'a') as f:
-            f.write(json.dumps(fields) + '\n')
+            f.write(json.dumps(strict_json(fields)) + '\n')
 
 
 def read_jsonl(path):

@@ -105,6 +105,12 @@ def test_scratch_baseline_has_the_student_architecture(full_run):
     assert all(ckpt['scratch_model'][k].shape == v.shape for k, v in ckpt['model'].items())
 
 
+def test_a_scratch_only_run_trains_the_hyena_student_not_the_teacher(setup, tmp_path):
+    distill(setup, tmp_path, '--align_iters=0', '--kd_iters=0', '--scratch_iters=2')
+    scratch = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['scratch_model']
+    assert any('.mixer.in_proj.' in k for k in scratch) and not any('.mixer.c_attn.' in k for k in scratch)
+
+
 def test_student_checkpoint_loads_in_sample(full_run):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--init_from={full_run / "ckpt.pt"}',
                              '--start=a', '--num_samples=1', '--max_new_tokens=8', '--device=cpu'],
@@ -128,6 +134,26 @@ def test_progressive_align_trains_one_layer_at_a_time(setup, tmp_path):
             assert torch.equal(a[k], teacher[k]), k
     records = [r for r in log_records(both) if 'layer_rel_err' in r]
     assert [list(r['layer_rel_err']) for r in records] == [['0']] * 6 + [['1']] * 6
+
+
+def test_progressive_align_warms_up_and_decays_within_each_layers_phase(setup, tmp_path):
+    # the warmup (20) is longer than a layer's phase (5): it is cut to half the phase, so each phase decays
+    distill(setup, tmp_path, '--align_iters=10', '--kd_iters=0', '--scratch_iters=0', '--warmup_iters=20',
+            '--align_lr=1e-3')
+    records = [r for r in log_records(tmp_path) if 'layer_rel_err' in r]
+    for layer in ('0', '1'):
+        lrs = [r['lr'] for r in records if layer in r['layer_rel_err']]
+        assert len(lrs) == 5 and lrs[0] < lrs[1] < lrs[2] and lrs[2] > lrs[3] > lrs[4]  # 2 warmup steps, then decay
+        assert lrs[2] == pytest.approx(1e-3)
+
+
+def test_progressive_align_with_fewer_iterations_than_layers_is_a_clear_error(setup, tmp_path):
+    root, teacher = setup
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'distill.py'), f'--data_dir={root}',
+                             f'--teacher={teacher}', f'--out_dir={tmp_path}', '--align_iters=1', '--compile=False'],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'align_iters=1 leaves some of the 2 layers no progressive align iteration' in result.stderr
 
 
 def test_parallel_align_trains_all_layers_together(setup, tmp_path):
@@ -184,3 +210,19 @@ def test_resume_with_a_different_teacher_is_a_clear_error(setup, full_run, tmp_p
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert 'differ in n_embd (16 vs 32)' in result.stderr
     assert (full_run / 'ckpt.pt').read_bytes() == before  # nothing lost
+
+
+@pytest.mark.parametrize('case', ['teacher checkpoint', 'other block_size'])
+def test_resume_from_a_checkpoint_this_run_cannot_continue_is_a_clear_error(setup, full_run, tmp_path, case):
+    out, extra = full_run, ['--block_size=16']
+    if case == 'teacher checkpoint':
+        out, extra = tmp_path, []
+        (tmp_path / 'ckpt.pt').write_bytes(setup[1].read_bytes())
+    before = (out / 'ckpt.pt').read_bytes()
+    cmd = [sys.executable, os.path.join(ROOT, 'distill.py'), f'--data_dir={setup[0]}', f'--teacher={setup[1]}',
+           f'--out_dir={out}', '--init_from=resume', '--compile=False', *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert ('is not a distill.py checkpoint' if case == 'teacher checkpoint' else
+            'was distilled at block_size 32, this run asks 16: resume with --block_size=32') in result.stderr
+    assert (out / 'ckpt.pt').read_bytes() == before  # nothing lost
