@@ -272,8 +272,9 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
     inside DDP under torchrun. Returns (model, compiled). With example_batch (X, Y) a compiled model is built
     right away by one forward + backward (gradients cleared afterwards), so a failure to build (e.g. no C
     compiler) shows here, not mid-training, and the model falls back to eager with a printed message. With
-    shared_taps (a SharedTaps) that forward takes the taps as the loop's micro-steps will: the graph it builds is
-    theirs.
+    shared_taps (a SharedTaps) that forward takes the taps as the loop's last micro-step will, through the filter
+    MLPs: under DDP the backward then reaches every parameter, as the reducer expects of a synchronizing step (the
+    earlier micro-steps' detached taps left the filters without gradients, and the next step failed).
 
     DDP keeps the gradients as views of its all-reduce buckets (no copy into them, no second 500 MB for
     GPT-2 small), and the compiled model stays one graph: dynamo's DDP optimizer, which splits the graph at the
@@ -305,7 +306,7 @@ def wrap_model(model, dist, compile=False, example_batch=None, ctx=nullcontext()
             kwargs = {}
             if shared_taps is not None:
                 shared_taps.begin()
-                kwargs['taps'] = shared_taps.taps(0)
+                kwargs['taps'] = shared_taps.taps(shared_taps.accum - 1)
             with ctx:
                 _, loss = wrapped(*example_batch, **kwargs)
             loss.backward()

@@ -485,11 +485,41 @@ def test_under_ddp_gradients_are_bucket_views_buffers_are_not_rebroadcast_and_th
         assert built_inside_ddp == [True]  # the build step ran the whole DDP forward and backward
         assert model.weight.grad is None  # and left no gradients behind
     finally:
-        # DDP's reducer holds the group: free it first, and give gloo's worker threads time to drop their last
-        # work before the group goes. The group's destructor joins them holding the GIL, and a worker that still
-        # needed the GIL to free a work's thread-local state hung the suite once (native stacks: the main thread
-        # in ~ProcessGroupGloo -> std::thread::join, the worker in gil_scoped_acquire under ~AsyncAllreduceWork)
         del out
-        gc.collect()
-        time.sleep(0.1)
-        torch.distributed.destroy_process_group()
+        destroy_gloo_group()
+
+
+def destroy_gloo_group():
+    """After the test dropped its DDP model: DDP's reducer holds the group, so it goes first, and gloo's worker
+    threads get time to drop their last work before the group goes. The group's destructor joins them holding the
+    GIL, and a worker that still needed the GIL to free a work's thread-local state hung the suite once (native
+    stacks: the main thread in ~ProcessGroupGloo -> std::thread::join, the worker in gil_scoped_acquire under
+    ~AsyncAllreduceWork)."""
+    gc.collect()
+    time.sleep(0.1)
+    torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_the_compile_warmup_with_shared_taps_leaves_the_next_step_able_to_sync(monkeypatch, tmp_path):
+    # the warm-up backward used to take the first micro-step's detached taps: the filter MLPs got no gradient in a
+    # synchronizing backward, and DDP's reducer failed the next step ("Expected to have finished reduction")
+    from model import GPT, GPTConfig
+    monkeypatch.setattr(torch, 'compile', lambda model, **kwargs: model)  # the warm-up, without inductor's build
+    torch.distributed.init_process_group('gloo', init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    out = None
+    try:
+        dist = T.DistInfo(True, 0, 0, 1, 'cpu', True, 0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=16, hyena_layers=[0, 1]))
+        x = torch.randint(0, 32, (2, 16))
+        shared = T.SharedTaps(model, 16, accum=2)
+        out, compiled = T.wrap_model(model, dist, True, (x, x), shared_taps=shared)
+        assert compiled
+        shared.begin()
+        for micro in range(2):  # one training step as the loops run it
+            out.require_backward_grad_sync = micro == 1
+            out(x, x, taps=shared.taps(micro))[1].backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        del out
+        destroy_gloo_group()
