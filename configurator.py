@@ -35,8 +35,10 @@ def config_keys(scope):
 
 def _coerce(key, value, default):
     """Return value as default's type, or raise ConfigError naming the expected type."""
-    if default is None or value is None:
+    if default is None:
         return value  # None defaults mean "any type / unset"
+    if value is None:  # a key with a value by default is never unset: it would fail later, mid-run
+        raise ConfigError(f"{key} expects {type(default).__name__}, got None")
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # --learning_rate=1 means 1.0

@@ -99,8 +99,8 @@ config = configure(globals())
 T.check_ranges(config, {
     '> 0': ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'hyena_filter_order',
             'hyena_short_filter_order', 'hyena_filter_freq', 'kd_temperature'),
-    '>= 0': ('block_size', 'align_iters', 'kd_iters', 'align_lr', 'kd_lr', 'scratch_lr', 'weight_decay', 'grad_clip',
-             'warmup_iters', 'filter_lr_scale'),
+    '>= 0': ('seed', 'block_size', 'align_iters', 'kd_iters', 'align_lr', 'kd_lr', 'scratch_lr', 'weight_decay',
+             'grad_clip', 'warmup_iters', 'filter_lr_scale'),
     '>= -1': ('scratch_iters',),
     'in [0, 1)': ('beta1', 'beta2'),
     'in [0, 1]': ('kd_alpha', 'min_lr_ratio')})
@@ -115,7 +115,7 @@ prec = T.setup_precision(dist.device, dtype)
 device_type = 'cuda' if dist.device.startswith('cuda') else 'cpu'
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if master:
-    os.makedirs(out_dir, exist_ok=True)
+    T.make_out_dir(out_dir)
 
 # ---- the teacher: frozen, eval mode
 if teacher.endswith('.pt'):
@@ -429,7 +429,7 @@ teacher_val = evaluate(teacher_model)
 if master:
     print(f"teacher val loss {teacher_val:.4f} (ppl {math.exp(teacher_val):.2f})")
 teacher_fwd, loss_fn = teacher_model, kd_loss  # compiled versions replace them in the kd stage
-peak = peak_flops(dist.device) if device_type == 'cuda' else None
+peak = peak_flops(dist.device)
 
 for stage_name, phase_start, phase_iters, train_layers in phases():
     phase_end = phase_start + phase_iters

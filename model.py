@@ -42,6 +42,10 @@ class GPTConfig:
     hyena_short_filter_order: int = 3
 
     def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if isinstance(self.hyena_layers, str):  # training.parse_layers reads the scripts' '0,2' and 'all'
+            raise ValueError(f"hyena_layers={self.hyena_layers!r}: pass a list of layer indices, e.g. [0, 2]")
         self.hyena_layers = sorted(set(int(i) for i in self.hyena_layers))
         bad = [i for i in self.hyena_layers if not 0 <= i < self.n_layer]
         if bad:
@@ -67,7 +71,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -174,6 +177,8 @@ class GPT(nn.Module):
         with full_logits=True (distill.py's teacher: no cross-entropy over the vocabulary that nobody reads).
         cache: from new_cache(); the call then continues the cached sequence with idx. taps: filter_taps(T),
         when the caller computed them once for several forward passes (training.SharedTaps)."""
+        if cache is not None and taps is not None:
+            raise ValueError("GPT.forward: pass cache or taps, not both (a cached call computes no taps)")
         start = cache['length'] if cache is not None else 0
         x = self.embed(idx, start)
         if taps is None:
@@ -205,7 +210,13 @@ class GPT(nn.Module):
         return {'length': 0, 'layers': [{'max_len': max_len} for _ in self.transformer.h]}
 
     def crop_block_size(self, block_size):
-        assert block_size <= self.config.block_size
+        """Fewer learned positions (a GPT-2 trained at 1024 fine-tuned at 256). Not for Hyena layers: their filters
+        scale time by the block_size they were built with, so a cropped config would rebuild other filters."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"crop_block_size({block_size}): the model has only {self.config.block_size} positions")
+        if self.config.hyena_layers:
+            raise ValueError("crop_block_size: a model with Hyena layers keeps its block_size (its filters' time "
+                             "scale); run it on shorter sequences instead")
         self.config.block_size = block_size
         if self.transformer.wpe is not None:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
@@ -276,9 +287,10 @@ class GPT(nn.Module):
         fft = 30 * math.log2(2 * seq_len) * cfg.n_embd * (cfg.hyena_order - 1) * len(cfg.hyena_layers)
         return 6 * self.get_num_params() + 12 * n_attn * cfg.n_embd * seq_len + fft
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, seq_len=None):
-        """Model FLOPs utilisation against the bf16 dense peak of the GPU in use; None when unknown."""
-        peak = peak_flops()
+    def estimate_mfu(self, fwdbwd_per_iter, dt, seq_len=None, device=None):
+        """Model FLOPs utilisation against the bf16 dense peak of the GPU the run uses (device: its name, e.g.
+        'cuda:1'; None: the current CUDA device); None when unknown or on the CPU."""
+        peak = peak_flops(device)
         if peak is None:
             return None
         seq_len = seq_len or self.config.block_size
@@ -295,7 +307,10 @@ class GPT(nn.Module):
         new token costs one step per layer; without, every token re-runs the model on the last
         block_size tokens (nanoGPT's loop). With learned positions a cache holds at most block_size
         tokens; past that, it is rebuilt from the last block_size // 2 tokens. cuda_graph: decode a
-        fixed-size (recurrent) cache on CUDA by replaying one captured step (see decode_graph)."""
+        fixed-size (recurrent) cache on CUDA by replaying one captured step (see decode_graph). temperature=0
+        decodes greedily (the most likely token)."""
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"generate: temperature={temperature} must be >= 0 and top_k={top_k} >= 1 (or None)")
         limit = self.config.block_size if self.config.pos_emb else idx.size(1) + max_new_tokens
         cache, pending, length, step = None, idx, 0, None
         for _ in range(max_new_tokens):
@@ -312,11 +327,15 @@ class GPT(nn.Module):
                     step = decode_graph(self, cache, idx.size(0)) if graph else lambda t: self(t, cache=cache)[0]
                 logits = step(pending)
                 length += 1
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
             pending = idx_next
         return idx
@@ -370,11 +389,13 @@ def decode_graph(model, cache, batch_size):
 
 
 def peak_flops(device=None):
-    """bf16 dense peak FLOP/s of the CUDA device in use, or None when it is not one we know."""
-    if not torch.cuda.is_available():
+    """bf16 dense peak FLOP/s of the CUDA device (None: the current one), or None for a CPU device or a GPU we do
+    not know."""
+    if not torch.cuda.is_available() or (device is not None and not str(device).startswith('cuda')):
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in (('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('A100', 312e12), ('A800', 312e12)):
+    for key, flops in (('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
+                       ('H800', 989e12), ('A100', 312e12), ('A800', 312e12)):
         if key in name:
             return flops
     return None

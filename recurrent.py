@@ -480,7 +480,8 @@ def main():
     from training import check_ranges, fail, load_checkpoint, model_from_checkpoint, resolve_device, save_checkpoint
     import time
     config = configure(globals())
-    check_ranges(config, {'> 0': ('d_state', 'lr', 'eval_batch'), '>= 0': ('iters', 'length', 'eval_seqs', 'eval_len')})
+    check_ranges(config, {'> 0': ('d_state', 'lr', 'eval_batch'),
+                          '>= 0': ('seed', 'iters', 'length', 'eval_seqs', 'eval_len')})
     torch.manual_seed(seed)
     dev = resolve_device(device)
     src = load_checkpoint(ckpt, if_missing="pass --ckpt=<a distilled student's ckpt.pt>")

@@ -29,15 +29,15 @@ out_dir = 'out-teacher'
 start = "\n"  # the prompt: text, or FILE:path to read it from a file
 num_samples = 3
 max_new_tokens = 200
-temperature = 0.8  # 1.0 samples the model's distribution; lower is more conservative
-top_k = 200  # keep only the top_k most likely tokens (None: all)
+temperature = 0.8  # 1.0 samples the model's distribution; lower is more conservative; 0 takes the most likely
+top_k = 200  # keep only the top_k most likely tokens (0: all)
 seed = 1337
 device = 'auto'
 dtype = 'auto'
 use_cache = True  # KV cache (attention) / Hyena cache; False re-runs the whole context per token
 # -----------------------------------------------------------------------------
 config = configure(globals())
-T.check_ranges(config, {'> 0': ('num_samples', 'temperature', 'top_k'), '>= 0': ('max_new_tokens',)})
+T.check_ranges(config, {'> 0': ('num_samples',), '>= 0': ('seed', 'temperature', 'top_k', 'max_new_tokens')})
 
 device = T.resolve_device(device)
 prec = T.setup_precision(device, dtype)
@@ -67,6 +67,8 @@ if start.startswith('FILE:'):
             start = f.read()
     except OSError as e:
         T.fail(f"start={start!r}: cannot read the prompt file ({e.strerror})")
+    except UnicodeDecodeError:
+        T.fail(f"start={start!r}: the prompt file is not UTF-8 text; convert it (e.g. iconv -t utf-8)")
 ids = enc.encode(start, allowed_special={'<|endoftext|>'})
 if not ids:
     T.fail("start is empty: give a prompt, e.g. --start='def ' or --start=FILE:prompt.txt")
@@ -92,6 +94,6 @@ def decode(tokens):
 print(f"sampling from {source}")
 with torch.no_grad(), prec.ctx:
     for k in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, use_cache=use_cache)
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, use_cache=use_cache)
         print(decode(y[0].tolist()))
         print('---------------')

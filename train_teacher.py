@@ -84,8 +84,8 @@ config = configure(globals())
 T.check_ranges(config, {
     '> 0': ('eval_interval', 'log_interval', 'eval_iters', 'gradient_accumulation_steps', 'batch_size', 'block_size',
             'n_head', 'n_embd', 'vocab_size', 'hyena_filter_order', 'hyena_short_filter_order', 'hyena_filter_freq'),
-    '>= 0': ('n_layer', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
-             'grad_clip', 'filter_lr_scale'),
+    '>= 0': ('seed', 'n_layer', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr',
+             'weight_decay', 'grad_clip', 'filter_lr_scale'),
     'in [0, 1)': ('dropout', 'beta1', 'beta2')})
 T.speed_settings(compile_mode, fftconv_impl, triton_dot, short_conv)
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout', 'pos_emb',
@@ -99,7 +99,7 @@ master = dist.master
 prec = T.setup_precision(dist.device, dtype)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if master:
-    os.makedirs(out_dir, exist_ok=True)
+    T.make_out_dir(out_dir)
 torch.manual_seed(seed + dist.seed_offset)
 
 # ---- model
@@ -111,6 +111,9 @@ if init_from == 'scratch':
 elif init_from == 'resume':
     checkpoint = T.load_checkpoint(ckpt_path,
                                    if_missing='nothing to resume in --out_dir; start with --init_from=scratch')
+    if 'iter_num' not in checkpoint:
+        T.fail(f"{ckpt_path} is not a train_teacher.py checkpoint (a distill.py student?): continue it with "
+               f"distill.py --init_from=resume, or pass another --out_dir")
     model_args = checkpoint['model_args']
     changed = [k for k in MODEL_KEYS if k != 'hyena_layers' and k in model_args and model_args[k] != config[k]]
     if changed and master:
@@ -259,7 +262,7 @@ while True:
     tokens_seen += tokens_per_iter
     tok_rate = tokens_per_iter / dt if tok_rate is None else 0.9 * tok_rate + 0.1 * tokens_per_iter / dt
     if local_iter >= 3:  # let the first iterations (compile, warm-up) pass
-        mfu = raw_model.estimate_mfu(batch_size * accum, dt)
+        mfu = raw_model.estimate_mfu(batch_size * accum, dt, device=dist.device)
         if mfu is not None:
             running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
     # the step, unless the loss or gradient is NaN/inf (under fp16 its GradScaler skips inf gradients by itself);

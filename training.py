@@ -1,6 +1,6 @@
 """
 Training machinery shared by train_teacher.py and distill.py: nanoGPT's train.py, factored into small
-helpers with its known bugs avoided (DESIGN.md §6). A training script reads top to bottom:
+helpers with its known bugs avoided. A training script reads top to bottom:
 
     dist = setup_distributed(device)                        # torchrun env -> rank, device, seed offset
     accum = per_rank(gradient_accumulation_steps, dist.world_size)
@@ -131,6 +131,14 @@ def finish(dist, exit_code=0):
         os._exit(exit_code)
     if exit_code:
         raise SystemExit(exit_code)
+
+
+def make_out_dir(out_dir):
+    """out_dir made if missing; a one-line error where it cannot be (a file of that name, no permission)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"out_dir={out_dir!r} cannot be made a folder ({e.strerror}); pass another --out_dir")
 
 
 def per_rank(total, world_size, name='gradient_accumulation_steps'):
@@ -375,12 +383,6 @@ class _PlusGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad + ctx.leaf.grad, None
-
-
-def unwrap_model(model):
-    """The plain nn.Module inside DDP and/or torch.compile wrappers (its state_dict has no prefixes)."""
-    model = getattr(model, 'module', model)  # DDP
-    return getattr(model, '_orig_mod', model)  # torch.compile
 
 
 def clean_state_dict(state_dict):
@@ -816,9 +818,3 @@ class JsonlLogger:
         fields.setdefault('time', round(time.time(), 3))
         with open(self.path, 'a') as f:
             f.write(json.dumps(strict_json(fields)) + '\n')
-
-
-def read_jsonl(path):
-    """All records of a JSONL log, as a list of dicts."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

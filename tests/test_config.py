@@ -54,6 +54,12 @@ def test_wrong_type_is_an_error_naming_the_key_and_expected_type():
     assert 'batch_size' in str(e.value) and 'expects int' in str(e.value)
 
 
+def test_none_is_only_for_keys_that_are_unset_by_default():
+    assert configure(defaults(), ['--hyena_layers=None'])['hyena_layers'] is None
+    with pytest.raises(ConfigError, match='batch_size expects int, got None'):
+        configure(defaults(), ['--batch_size=None'])
+
+
 def test_config_file_is_executed_over_the_defaults(tmp_path):
     path = tmp_path / 'cfg.py'
     path.write_text("import math\n_helper = 3\nbatch_size = 2 * _helper\nlearning_rate = math.sqrt(4e-6)\n")

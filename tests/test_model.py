@@ -36,6 +36,11 @@ def test_hyena_layers_out_of_range_is_an_error():
         GPTConfig(**TINY, hyena_layers=[3])
 
 
+def test_n_head_that_does_not_divide_n_embd_is_an_error():
+    with pytest.raises(ValueError, match='n_embd=16 is not divisible by n_head=3'):
+        GPTConfig(**dict(TINY, n_head=3))
+
+
 def test_model_rebuilds_from_its_config():
     model = GPT(GPTConfig(**TINY, hyena_layers=[0, 2]))
     import dataclasses
@@ -71,6 +76,53 @@ def test_generate_with_and_without_cache_equal(hyena_layers):
     plain = model.generate(idx, 40, use_cache=False)
     assert cached.shape == (2, 45)
     assert torch.equal(cached[:, :32], plain[:, :32])  # identical while the context fits the window
+
+
+def test_generate_at_temperature_zero_takes_the_most_likely_token():
+    model = GPT(GPTConfig(**TINY, hyena_layers=[1])).eval()
+    idx = torch.randint(0, 64, (2, 5))
+    greedy = idx
+    for _ in range(6):
+        greedy = torch.cat([greedy, model(greedy)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(model.generate(idx, 6, temperature=0), greedy)
+    assert torch.equal(model.generate(idx, 6, temperature=0, use_cache=False), greedy)
+
+
+def test_forward_with_both_a_cache_and_taps_is_an_error():
+    # a cached call computes no taps: the Hyena layers would skip the cache and the next step see one token
+    model = GPT(GPTConfig(**TINY, hyena_layers=[1]))
+    with pytest.raises(ValueError, match='cache or taps, not both'):
+        model(torch.zeros(1, 8, dtype=torch.long), cache=model.new_cache(32), taps=model.filter_taps(8))
+
+
+def test_crop_block_size_keeps_a_hyena_models_filters():
+    # the filters scale time by the block_size they were built with: a cropped config would rebuild other ones
+    with pytest.raises(ValueError, match='keeps its block_size'):
+        GPT(GPTConfig(**TINY, hyena_layers=[1])).crop_block_size(16)
+    gpt = GPT(GPTConfig(**TINY))
+    gpt.crop_block_size(16)
+    assert gpt.config.block_size == 16 and gpt.transformer.wpe.weight.shape[0] == 16
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_half_precision_runs_its_hyena_layers(dtype):
+    model = GPT(GPTConfig(**TINY, hyena_layers=[0, 1])).eval()
+    idx = torch.randint(0, 64, (2, 32))
+    reference = model(idx, full_logits=True)[0]
+    half = model.to(dtype)
+    assert half.transformer.h[0].mixer.filter(32).dtype == torch.float32  # the taps stay fp32
+    logits = half(idx, full_logits=True)[0]
+    assert logits.dtype == dtype and (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_peak_flops_tells_the_h100_variants_apart(monkeypatch):
+    import model as model_module
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    for name, flops in (('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100 NVL', 835e12),
+                        ('NVIDIA H200', 989e12), ('NVIDIA GeForce RTX 3090', None)):
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None, name=name: name)
+        assert model_module.peak_flops() == flops
+    assert model_module.peak_flops('cpu') is None  # a CPU run on a GPU machine
 
 
 def test_optimizer_groups_filter_params_without_decay():

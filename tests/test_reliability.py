@@ -321,11 +321,31 @@ def test_missing_checkpoint_is_a_one_line_error_saying_what_to_pass(script, args
     ('train_teacher.py', '--hyena_emb_dim=32', 'hyena_emb_dim=32 must be odd and >= 3'),
     ('distill.py', '--kd_alpha=1.5', 'kd_alpha=1.5 is out of range: it must be in [0, 1]'),
     ('distill.py', '--scratch_iters=-2', 'scratch_iters=-2 is out of range: it must be >= -1'),
-    ('sample.py', '--temperature=0', 'temperature=0.0 is out of range: it must be > 0'),
+    ('train_teacher.py', '--seed=-1', 'seed=-1 is out of range: it must be >= 0'),
+    ('sample.py', '--temperature=-1', 'temperature=-1.0 is out of range: it must be >= 0'),
     ('recurrent.py', '--d_state=0', 'd_state=0 is out of range: it must be > 0')])
 def test_out_of_range_setting_is_a_one_line_error_before_anything_runs(script, override, message, tmp_path):
     out = [] if script == 'recurrent.py' else [f'--out_dir={tmp_path}']
     assert_one_line_error(run_script(script, override, *out), message)
+
+
+def test_out_dir_that_is_a_file_is_a_one_line_error(tiny_data, tmp_path):
+    (tmp_path / 'taken').write_text('')
+    proc = run_script('train_teacher.py', *train_args(tiny_data, tmp_path / 'taken'))
+    assert_one_line_error(proc, f"out_dir='{tmp_path / 'taken'}' cannot be made a folder", 'pass another --out_dir')
+
+
+def test_resuming_a_students_checkpoint_in_train_teacher_is_a_one_line_error(tmp_path):
+    torch.save({'model': {}, 'model_args': {}, 'stage': 'kd', 'stage_iter': 3}, tmp_path / 'ckpt.pt')
+    proc = run_script('train_teacher.py', f'--out_dir={tmp_path}', '--init_from=resume')
+    assert_one_line_error(proc, 'is not a train_teacher.py checkpoint', 'distill.py --init_from=resume')
+
+
+def test_a_prompt_file_that_is_not_utf8_is_a_one_line_error(reference_run, tmp_path):
+    (tmp_path / 'prompt.txt').write_bytes(b'\xff\xfedef ')
+    proc = run_script('sample.py', f"--init_from={os.path.join(reference_run, 'ckpt.pt')}",
+                      f"--start=FILE:{tmp_path / 'prompt.txt'}")
+    assert_one_line_error(proc, 'the prompt file is not UTF-8 text')
 
 
 def test_nonexistent_device_is_a_one_line_error(tiny_data, tmp_path):
