@@ -399,8 +399,9 @@ class HyenaOperator(nn.Module):
     def __init__(self, d_model, l_max, order=2, filter_order=64, short_filter_order=3, dropout=0.0,
                  emb_dim=33, filter_freq=14.0, bias=True):
         super().__init__()
-        if order < 2:
-            raise ValueError(f"HyenaOperator: order must be >= 2, got {order}")
+        if order < 2 or short_filter_order < 1:
+            raise ValueError(f"HyenaOperator: order must be >= 2 and short_filter_order >= 1, got {order} and "
+                             f"{short_filter_order}")
         self.d_model, self.order = d_model, order
         width = (order + 1) * d_model
         self.in_proj = nn.Linear(d_model, width, bias=bias)

@@ -107,6 +107,12 @@ def test_filter_features_are_not_degenerate():
     assert z.std(dim=0)[1:].min() > 0.1  # every sin/cos band varies along the sequence
 
 
+@pytest.mark.parametrize('kwargs', [dict(order=1), dict(short_filter_order=0)])
+def test_operator_rejects_an_order_below_2_or_no_short_filter(kwargs):
+    with pytest.raises(ValueError, match='order must be >= 2 and short_filter_order >= 1'):
+        HyenaOperator(8, l_max=16, **kwargs)
+
+
 def test_operator_shape_at_lengths_beyond_l_max():
     op = HyenaOperator(16, l_max=32)
     for L in (1, 31, 100):
