@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded end-to-end demo, offline on a CPU (9-17 minutes on 2 cores): the Python standard
+# The embedded end-to-end demo, offline on a CPU (8-17 minutes on 2 cores): the Python standard
 # library's source as corpus -> a small GPT teacher -> a Hyena student distilled from it, and the same
 # student trained from scratch on the same tokens -> out-distill-pystdlib-cpu/report.{md,json,png}.
 #   bash demo.sh
