@@ -208,6 +208,49 @@ def test_textfiles_names_the_bad_line_of_a_jsonl_file(tmp_path):
         in result.stderr
 
 
+def test_a_prepare_that_fails_midway_leaves_the_previous_files_together(tmp_path):
+    from data.prepare_utils import split_by_file
+    names = [f'doc{i}.jsonl' for i in range(12)]
+    for name in names:
+        (tmp_path / name).write_text('{"text": "fine words"}\n')
+    prepared('textfiles', tmp_path / 'out', f'--input={tmp_path}/*.jsonl', '--val_fraction=0.3')
+    before = {f: (tmp_path / 'out' / f).read_bytes() for f in ('train.bin', 'val.bin', 'meta.json')}
+    # a new train file (train.bin would change), then a val file that fails to parse
+    new = next(name for name in (f'new{i}.jsonl' for i in range(100))
+               if name in split_by_file([name] + names, 0.3)[0])
+    (tmp_path / new).write_text('{"text": "more words"}\n')
+    (tmp_path / split_by_file(names, 0.3)[1][0]).write_text('not json\n')
+    result = prepare('textfiles', f'--input={tmp_path}/*.jsonl', '--val_fraction=0.3', f'--out_dir={tmp_path}/out')
+    assert result.returncode == 1 and 'expected a JSON object' in result.stderr
+    assert {f: (tmp_path / 'out' / f).read_bytes() for f in before} == before
+    assert sorted(os.listdir(tmp_path / 'out')) == ['meta.json', 'train.bin', 'val.bin']  # no temp file left
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / 'in').mkdir()
+    for i in range(4):
+        (tmp_path / 'in' / f'd{i}.jsonl').write_bytes('\ufeff{"text": "hello"}\n'.encode())
+    out = prepared('textfiles', tmp_path / 'out', f"--input={tmp_path / 'in'}", '--extensions=.jsonl')
+    assert documents(out, 'train') + documents(out, 'val') == ['hello'] * 4
+
+
+def test_an_unreadable_file_stops_with_one_line_naming_it(tmp_path):
+    (tmp_path / 'in').mkdir()
+    for i in range(4):
+        (tmp_path / 'in' / f'd{i}.txt').write_text('words')
+    (tmp_path / 'in' / 'gone.txt').symlink_to(tmp_path / 'nowhere.txt')  # a broken link, as an editor's lock file
+    result = prepare('textfiles', f"--input={tmp_path / 'in'}", f'--out_dir={tmp_path}/out')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'gone.txt: cannot read it' in result.stderr
+
+
+def test_out_dir_that_is_a_file_stops_with_one_line(corpus, tmp_path):
+    (tmp_path / 'taken').write_text('')
+    result = prepare('textfiles', f'--input={corpus}', f'--out_dir={tmp_path}/taken')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'cannot be made a folder' in result.stderr
+
+
 # --- OpenWebText: needs network, and says so at once ------------------------------------------------------------
 
 def test_openwebtext_fails_fast_offline_naming_the_offline_corpora(tmp_path):

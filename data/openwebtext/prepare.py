@@ -4,7 +4,7 @@ OpenWebText, prepared as nanoGPT does: ~8M web documents, ~9B GPT-2 tokens. Need
     pip install datasets
     python data/openwebtext/prepare.py                    # -> data/openwebtext/{train,val}.bin + meta.json
     python data/openwebtext/prepare.py --num_proc=32
-    python data/openwebtext/prepare.py --dataset=/path/to/local/copy   # a saved or downloaded copy, no network
+    python data/openwebtext/prepare.py --dataset=/path/to/local/copy   # a downloaded copy of the Hub repo, no network
 
 Expect ~54 GB in the Hugging Face cache, train.bin ~17 GB (~9.0B tokens), val.bin ~8.5 MB (~4.4M tokens).
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 from configurator import configure
-from data.prepare_utils import encode_record, write_meta, write_split
+from data.prepare_utils import discard, encode_record, make_out_dir, publish, write_split
 
 # -----------------------------------------------------------------------------
 dataset = 'Skylion007/openwebtext'  # a Hub name, or a local folder
@@ -51,6 +51,7 @@ def why_offline():
 
 if __name__ == '__main__':  # the guard keeps worker processes (spawned on macOS/Windows) from re-running the script
     config = configure(globals())
+    make_out_dir(out_dir)  # before hours of download and tokenizing
     reason = why_offline()
     if reason:
         raise SystemExit(f"openwebtext: {reason}. Without network use the embedded corpus "
@@ -64,12 +65,14 @@ if __name__ == '__main__':  # the guard keeps worker processes (spawned on macOS
     ds['val'] = ds.pop('test')
     ds = ds.map(encode_record, remove_columns=ds['train'].column_names, desc='tokenizing', num_proc=num_proc)
 
-    os.makedirs(out_dir, exist_ok=True)
-    splits = {}
-    for split, dset in ds.items():
-        shards = min(write_shards, len(dset))
-        ids = (np.concatenate(dset.shard(num_shards=shards, index=i, contiguous=True).with_format('numpy')[:]['ids'])
-               for i in tqdm(range(shards), desc=f'writing {split}.bin'))
-        splits[split] = write_split(out_dir, split, ids)
-    write_meta(out_dir, config, source=f"OpenWebText via Hugging Face datasets: {dataset}"
-               + (f" @ {revision}" if revision else ''), splits=splits)
+    splits, temps = {}, {}
+    try:
+        for split, dset in ds.items():
+            shards = min(write_shards, len(dset))
+            shard = lambda i: dset.shard(num_shards=shards, index=i, contiguous=True).with_format('numpy')
+            ids = (np.concatenate(shard(i)[:]['ids']) for i in tqdm(range(shards), desc=f'writing {split}.bin'))
+            splits[split] = write_split(out_dir, split, ids, temps)
+        publish(out_dir, temps, config, source=f"OpenWebText via Hugging Face datasets: {dataset}"
+                + (f" @ {revision}" if revision else ''), splits=splits)
+    finally:
+        discard(temps)

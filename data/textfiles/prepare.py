@@ -16,7 +16,7 @@ __pycache__; a glob takes every file it matches, whatever the extension. Each fi
 The split is by file (val = held-out files), decided by a hash of each file's path relative to the folder that
 holds all inputs, so a .jsonl file's documents all land on one side: split a single big .jsonl into several files.
 Files are read (as UTF-8, errors='replace') and tokenized in worker processes and written out as they come, so
-memory stays flat however big the corpus.
+memory grows with the largest file (a few times its size, in token ids), not with the corpus.
 """
 import glob
 import os
