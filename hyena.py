@@ -463,7 +463,8 @@ class HyenaOperator(nn.Module):
                      taps=self.filter(max_len).view(self.order - 1, D, max_len).flip(-1))
 
     def _step(self, x, cache):
-        """Decode token by token: y_t = sum_{s<=t} h[s] z[t-s] + D z[t], a dot product with the history."""
+        """Decode token by token: y_t = sum_{s<=t} h[s] z[t-s] + D z[t], a dot product with the history, or with
+        a fitted modal filter (recurrent.py) one step of its state, in constant memory."""
         outputs = []
         D = self.d_model
         skip = self.filter.bias.view(self.order - 1, D).float()

@@ -1,5 +1,5 @@
 """
-Recurrent (constant-memory) decoding for Hyena students (issue 6, item 2; DESIGN.md section 5).
+Recurrent (constant-memory) decoding for Hyena students.
 
 After training, each long filter h (one per channel, length L) of a HyenaOperator is fitted with a small
 diagonal state-space model in modal form (LaughingHyena, Massaroli et al. 2023, arXiv:2310.18780):
@@ -52,7 +52,8 @@ Fitting (fit_filter), per channel, in float64:
      poles; per channel, the better of (2) and (3) is kept, so refining never makes a channel worse.
 Every least-squares solve uses the normal equations with the Gram matrix in closed form (_gram_and_projection:
 O(d^2) per channel instead of O(d^2 L)); only A^T h needs the powers p^n.
-A filter that is itself modal with d_state modes is recovered to ~1e-7 or better by steps 1-2 alone.
+A filter that is itself modal with d_state modes is recovered to ~1e-7 or better by steps 1-2 alone, where
+2 * d_state < L / 2 (the Hankel matrix's rank is capped by its columns).
 The fit error reported is ||h - h_fit|| / ||h|| per channel, and per layer over all its channels pooled
 (Frobenius norms). Beyond the fitted length (default block_size, the filter's l_max) the modal filter
 continues by its own decay, not by the implicit filter's extrapolation.
@@ -491,12 +492,25 @@ def main():
     if not hyena_operators(model):
         fail(f"{ckpt} has no Hyena layers (hyena_layers is empty): nothing to fit")
     fit_len = length or model.config.block_size
+    if fit_len < 2:
+        fail(f"length={length}: fit at least 2 taps (0: block_size)")
+    # everything that could stop the run is checked before the fit, not after minutes of it
+    out_path = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'ckpt_recurrent.pt')
+    if os.path.abspath(out_path) == os.path.abspath(ckpt) or os.path.isdir(out_path):
+        fail(f"out={out_path!r} is {'the source checkpoint' if os.path.isfile(out_path) else 'a folder'}; "
+             f"pass a new file name, e.g. --out=ckpt_recurrent.pt")
+    if eval_seqs > 0:
+        seq_len = eval_len or min(model.config.block_size, 1024)
+        if model.config.pos_emb and seq_len > model.config.block_size:
+            fail(f"eval_len={seq_len} is longer than the model's {model.config.block_size} learned positions; "
+                 f"lower --eval_len")
+        path = os.path.join(data_dir or os.path.join('data', dataset), 'val.bin')
+        rows = val_sequences(path, eval_seqs, seq_len, model.config.vocab_size)
     print(f"fitting {len(hyena_operators(model))} Hyena layers of {ckpt}: d_state {d_state}, {fit_len} taps, "
           f"{iters} refinement steps, on {dev}")
     t0 = time.time()
     errors = fit_model(model, d_state=d_state, iters=iters, length=fit_len, lr=lr, verbose=True)
     print(f"fitted in {time.time() - t0:.1f}s; mean layer fit error {sum(errors.values()) / len(errors):.3e}")
-    out_path = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'ckpt_recurrent.pt')
     saved = {k: v for k, v in src.items() if k not in ('model', 'optimizer')}
     saved['model'] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     saved['modal'] = dict(d_state=d_state, length=fit_len, iters=iters, source=os.path.abspath(ckpt),
@@ -505,9 +519,6 @@ def main():
     save_checkpoint(saved, out_path)
     print(f"saved the recurrent checkpoint to {out_path}")
     if eval_seqs > 0:
-        seq_len = eval_len or min(model.config.block_size, 1024)
-        path = os.path.join(data_dir or os.path.join('data', dataset), 'val.bin')
-        rows = val_sequences(path, eval_seqs, seq_len, model.config.vocab_size)
         t0 = time.time()
         conv, rec = perplexities(model, rows, eval_batch)
         print(f"val ppl on {eval_seqs} x {seq_len} tokens of {path}: convolutional {conv:.4f}, "

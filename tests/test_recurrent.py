@@ -180,6 +180,19 @@ def test_script_fits_saves_and_load_model_rebuilds(tmp_path):
     assert all(layer['history'] is None and layer['state'].shape[-1] == 4 for layer in cache['layers'])
 
 
+@pytest.mark.parametrize('arg,message', [('--length=1', 'fit at least 2 taps'),
+                                         ('--eval_len=64', 'longer than the model'),
+                                         ('--out={ckpt}', 'is the source checkpoint'),
+                                         ('--data_dir={tmp}/nowhere', 'val.bin not found')])
+def test_script_stops_on_bad_input_before_the_fit(tmp_path, arg, message):
+    ckpt = tmp_path / 'ckpt.pt'
+    save_checkpoint({'model': GPT(GPTConfig(**TINY)).state_dict(), 'model_args': TINY}, str(ckpt))
+    run = subprocess.run([sys.executable, 'recurrent.py', f'--ckpt={ckpt}', '--device=cpu', f'--data_dir={tmp_path}',
+                          arg.format(ckpt=ckpt, tmp=tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and 'Traceback' not in run.stderr and message in run.stderr
+    assert 'fitting' not in run.stdout and os.listdir(tmp_path) == ['ckpt.pt']  # nothing fitted, nothing written
+
+
 def test_sample_generates_from_a_recurrent_checkpoint(tmp_path):
     torch.manual_seed(6)
     model = GPT(GPTConfig(**TINY))
