@@ -40,7 +40,6 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 import fftconv_triton
 import gates_triton
@@ -1016,16 +1015,6 @@ def section_profile():
     return columns, rows, notes
 
 
-def kd_loss(s_logits, t_logits, targets, T, alpha):
-    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * CE, per token, in fp32."""
-    V = s_logits.size(-1)
-    s_logp = F.log_softmax(s_logits.float().view(-1, V) / T, dim=-1)
-    t_logp = F.log_softmax(t_logits.float().view(-1, V) / T, dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
-    ce = F.cross_entropy(s_logits.float().view(-1, V), targets.view(-1), ignore_index=-1)
-    return alpha * T * T * kl + (1 - alpha) * ce
-
-
 def section_distill():
     """kd-stage step: teacher forward (no_grad) + student fwd/bwd/AdamW on the KD loss."""
     columns = ['block', 'batch', 'variant', 'ms/step', 'tokens/s', 'peak MB']
@@ -1049,8 +1038,8 @@ def section_distill():
                     with autocast():
                         with torch.no_grad():
                             t_logits, _ = t_fn(x, full_logits=True)
-                        s_logits, _ = s_fn(x, y)
-                        loss = kd_loss(s_logits, t_logits, y, kd_temperature, kd_alpha)
+                        s_logits, ce = s_fn(x, y)
+                        loss = training.kd_loss(s_logits, t_logits, ce, kd_alpha, kd_temperature)  # distill.py's
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)

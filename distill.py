@@ -34,7 +34,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 import training as T
 from configurator import configure
@@ -347,15 +346,6 @@ def align_loss(X, train_layers, stream_model):
     return losses
 
 
-def kd_loss(student_logits, teacher_logits, ce, alpha, temperature):
-    """alpha T^2 KL(teacher || student) at temperature T + (1 - alpha) ce (Hinton et al. 2015), where ce is the
-    student's cross-entropy on the labels as its forward already computed it (not a second pass over the vocab)."""
-    s = F.log_softmax(student_logits.flatten(0, 1).float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.flatten(0, 1).float() / temperature, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction='batchmean')
-    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
-
-
 def write_report():
     """report.json, report.md (the comparison table and the curves) and report.png (val loss against
     tokens for distilled and scratch students, the teacher as a line) in out_dir."""
@@ -428,7 +418,7 @@ def phases():
 teacher_val = evaluate(teacher_model)
 if master:
     print(f"teacher val loss {teacher_val:.4f} (ppl {math.exp(teacher_val):.2f})")
-teacher_fwd, loss_fn = teacher_model, kd_loss  # compiled versions replace them in the kd stage
+teacher_fwd, loss_fn = teacher_model, T.kd_loss  # compiled versions replace them in the kd stage
 peak = peak_flops(dist.device)
 
 for stage_name, phase_start, phase_iters, train_layers in phases():
@@ -481,7 +471,7 @@ for stage_name, phase_start, phase_iters, train_layers in phases():
                                      shared_taps)
         if ok and alpha > 0:
             teacher_fwd = torch.compile(teacher_model, dynamic=False, mode=compile_mode)
-            loss_fn = torch.compile(kd_loss, dynamic=False, mode=compile_mode)
+            loss_fn = torch.compile(T.kd_loss, dynamic=False, mode=compile_mode)
     graphs = stage_name != 'align' and T.cuda_graphs(compile_mode, ok, dist.device)
     T.clear_grads(optimizer, graphs)
     params = [p for p in raw.parameters() if p.requires_grad]

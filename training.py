@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import fftconv_triton
@@ -495,6 +496,16 @@ class TokenData:
 
 
 # ---- schedule, evaluation ----------------------------------------------------------------------------------
+
+def kd_loss(student_logits, teacher_logits, ce, alpha, temperature):
+    """alpha T^2 KL(teacher || student) at temperature T + (1 - alpha) ce (Hinton et al. 2015), where ce is the
+    student's cross-entropy on the labels as its forward already computed it (not a second pass over the vocab).
+    distill.py's kd stage trains on it; bench.py's distill section times it."""
+    s = F.log_softmax(student_logits.flatten(0, 1).float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.flatten(0, 1).float() / temperature, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction='batchmean')
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
     """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr.

@@ -13,6 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import training as T  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 256  # GPT-2 ids below 256 are single characters, so sample.py can prompt the toy models
@@ -116,7 +117,8 @@ def test_student_checkpoint_loads_in_sample(full_run):
                              '--start=a', '--num_samples=1', '--max_new_tokens=8', '--device=cpu'],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip()
+    sample = result.stdout.split('\n', 1)[1].split('---------------')[0]  # after the 'sampling from' line
+    assert sample.startswith('a') and len(sample.strip()) > 1
 
 
 def test_progressive_align_trains_one_layer_at_a_time(setup, tmp_path):
@@ -226,3 +228,38 @@ def test_resume_from_a_checkpoint_this_run_cannot_continue_is_a_clear_error(setu
     assert ('is not a distill.py checkpoint' if case == 'teacher checkpoint' else
             'was distilled at block_size 32, this run asks 16: resume with --block_size=32') in result.stderr
     assert (out / 'ckpt.pt').read_bytes() == before  # nothing lost
+
+
+def test_kd_loss_is_alpha_t2_kl_from_the_teacher_plus_the_weighted_cross_entropy():
+    torch.manual_seed(0)
+    student, teacher, ce = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.tensor(1.7)
+    temperature, alpha = 2.0, 0.3
+    p_t = torch.softmax(teacher / temperature, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(student / temperature, -1))).sum(-1).mean()  # KL(teacher || student)
+    expected = alpha * temperature ** 2 * kl + (1 - alpha) * ce
+    assert torch.allclose(T.kd_loss(student, teacher, ce, alpha, temperature), expected)
+    assert T.kd_loss(teacher, teacher, ce, 1.0, temperature).abs() < 1e-6  # the teacher's own logits: no loss
+
+
+def test_a_replaced_layer_starts_as_its_attentions_q_k_v_with_an_identity_short_conv(setup, tmp_path):
+    distill(setup, tmp_path, '--align_iters=0', '--kd_iters=1', '--kd_lr=0', '--scratch_iters=0')  # lr 0: as seeded
+    student = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']
+    teacher = torch.load(setup[1], weights_only=True)['model']
+    for i in (0, 1):
+        mixer = f'transformer.h.{i}.mixer.'
+        assert torch.equal(student[mixer + 'in_proj.weight'], teacher[mixer + 'c_attn.weight'])  # x0, x1, v = q, k, v
+        assert torch.equal(student[mixer + 'out_proj.weight'], teacher[mixer + 'c_proj.weight'])
+        short = student[mixer + 'short_filter.weight']
+        assert short[..., -1].eq(1).all() and short[..., :-1].eq(0).all()  # the current position only
+        assert student[mixer + 'short_filter.bias'].eq(0).all()
+
+
+@pytest.mark.parametrize('freeze', [True, False])
+def test_kd_freeze_copied_trains_the_hyena_operators_alone(setup, tmp_path, freeze):
+    distill(setup, tmp_path, '--align_iters=0', '--kd_iters=2', '--scratch_iters=0', f'--kd_freeze_copied={freeze}')
+    student = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']
+    teacher = torch.load(setup[1], weights_only=True)['model']
+    copied = [k for k in teacher if '.mixer.' not in k]
+    assert all(torch.equal(student[k], teacher[k]) for k in copied) == freeze
+    mixer = 'transformer.h.0.mixer.'
+    assert not torch.equal(student[mixer + 'in_proj.weight'], teacher[mixer + 'c_attn.weight'])  # the operator trains

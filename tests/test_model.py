@@ -88,6 +88,15 @@ def test_generate_at_temperature_zero_takes_the_most_likely_token():
     assert torch.equal(model.generate(idx, 6, temperature=0, use_cache=False), greedy)
 
 
+def test_generate_with_top_k_samples_only_among_the_k_most_likely_tokens():
+    model = GPT(GPTConfig(**TINY, hyena_layers=[1])).eval()
+    torch.manual_seed(0)
+    out = model.generate(torch.randint(0, 64, (8, 4)), 20, temperature=2.0, top_k=3, use_cache=False)
+    logits = model(out[:, :-1], full_logits=True)[0][:, 3:]  # the logits each new token was drawn from
+    top3 = logits.topk(3, dim=-1).indices
+    assert (top3 == out[:, 4:, None]).any(-1).all()
+
+
 def test_forward_with_both_a_cache_and_taps_is_an_error():
     # a cached call computes no taps: the Hyena layers would skip the cache and the next step see one token
     model = GPT(GPTConfig(**TINY, hyena_layers=[1]))
@@ -136,10 +145,15 @@ def test_optimizer_groups_filter_params_without_decay():
     assert n_opt == sum(p.numel() for p in model.parameters())
 
 
-def test_mfu_is_none_without_a_known_gpu():
+def test_mfu_is_flops_over_the_known_gpus_peak_and_none_elsewhere(monkeypatch):
     model = GPT(GPTConfig(**TINY))
-    assert model.estimate_mfu(1, 0.1) is None or not torch.cuda.is_available()
     assert model.flops_per_token(32) > 6 * model.get_num_params()
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'NVIDIA H100 80GB HBM3')
+    assert model.estimate_mfu(4, 0.5) == pytest.approx(model.flops_per_token(32) * 32 * 4 / 0.5 / 989e12)
+    assert model.estimate_mfu(4, 0.5, device='cpu') is None  # a CPU run on a GPU machine
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Some Future GPU')
+    assert model.estimate_mfu(4, 0.5) is None
 
 
 def test_huggingface_gpt2_logits_match(tmp_path):

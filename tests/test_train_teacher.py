@@ -104,6 +104,13 @@ def test_compiled_and_ddp_prefixes_are_stripped():
     assert set(T.clean_state_dict({'module._orig_mod.weight': 1, '_orig_mod.bias': 2})) == {'weight', 'bias'}
 
 
+def test_parse_layers_reads_all_none_lists_strings_and_negative_indices():
+    assert T.parse_layers('all', 4) == [0, 1, 2, 3]
+    assert T.parse_layers(None, 4) == T.parse_layers('', 4) == T.parse_layers('none', 4) == []
+    assert T.parse_layers('0,2', 4) == T.parse_layers([2, 0, 2], 4) == T.parse_layers('[0, 2]', 4) == [0, 2]
+    assert T.parse_layers(-1, 4) == [3] and T.parse_layers([0, -1], 4) == [0, 3]
+
+
 def test_batches_are_a_function_of_their_index(tiny_data):
     data = T.TokenData(tiny_data, block_size=32, batch_size=4, vocab_size=TINY_VOCAB, seed=1)
     x1, y1 = data.get_batch('train', 7)
