@@ -85,8 +85,9 @@ training.TokenData.get_batch = get_batch
 
 # ---- 1. preemption ------------------------------------------------------------------------------------------
 
-def test_sigterm_saves_a_checkpoint_exits_143_and_resume_matches_the_uninterrupted_run(tiny_data, reference_run,
-                                                                                       tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])  # a scheduler's preemption, Ctrl-C
+def test_a_stop_signal_saves_a_checkpoint_exits_128_plus_it_and_resume_matches_the_uninterrupted_run(
+        signum, tiny_data, reference_run, tmp_path):
     proc = popen_patched(tmp_path, SLOW_BATCHES, 'train_teacher.py', *train_args(tiny_data, tmp_path, **REFERENCE))
     log = os.path.join(tmp_path, 'log.jsonl')
     deadline = time.time() + 120
@@ -94,10 +95,10 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_matches_the_uninterrupt
         if os.path.exists(log) and any(r.get('iter', 0) >= 12 and 'loss' in r for r in read_log(tmp_path)):
             break
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert 'Traceback' not in stderr and 'SIGTERM' in stdout + stderr
+    assert proc.returncode == 128 + signum, stderr
+    assert 'Traceback' not in stderr and signal.Signals(signum).name in stdout + stderr
     stopped_at = T.load_checkpoint(os.path.join(tmp_path, 'ckpt.pt'))['iter_num']
     assert 12 < stopped_at < REFERENCE['max_iters']
     resumed = run_script('train_teacher.py', *train_args(tiny_data, tmp_path, **REFERENCE), '--init_from=resume')
