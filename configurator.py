@@ -9,7 +9,7 @@ A script declares its defaults as module globals, then calls
 Each command-line argument is either a config file (`config/foo.py`, exec'd over the defaults)
 or a `--key=value` override (the value is parsed as a Python literal, else taken as a string):
 
-    python train_teacher.py config/teacher_pystdlib.py --batch_size=32 --compile=False
+    python train_teacher.py config/train_teacher_pystdlib_cpu.py --batch_size=32 --compile=False
 
 An unknown key or a value of the wrong type stops the script with a one-line error that names
 the valid keys or the expected type. The returned dict holds the final value of every key,
@@ -65,7 +65,7 @@ def configure(scope, argv=None):
                 with open(arg) as f:
                     source = f.read()
             except OSError:
-                raise ConfigError(f"config file '{arg}' not found; pass a path like config/distill_pystdlib.py "
+                raise ConfigError(f"config file '{arg}' not found; pass a path like config/distill_pystdlib_cpu.py "
                                   f"or an override like --key=value")
             file_scope = {}
             exec(compile(source, arg, 'exec'), file_scope)

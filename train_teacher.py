@@ -2,7 +2,7 @@
 Train a GPT teacher (or, with hyena_layers, a Hyena / hybrid model from scratch: the paper's baseline for
 the same budget) with nanoGPT's train.py semantics. Helpers live in training.py.
 
-    python train_teacher.py config/train_teacher_pystdlib_cpu.py             # CPU, ~4 minutes, 2 cores
+    python train_teacher.py config/train_teacher_pystdlib_cpu.py             # CPU, 5-8 minutes, 2 cores
     python train_teacher.py config/train_teacher_pystdlib_gpu.py             # one GPU
     torchrun --standalone --nproc_per_node=8 train_teacher.py config/train_gpt2.py      # 8 GPUs, one node
     # several nodes (run on each; --node_rank=1 on the second), out_dir on a shared filesystem:
