@@ -178,27 +178,34 @@ def test_matched_output_scale_starts_align_closer_to_the_attention(setup, tmp_pa
         assert err < first[False][layer]
 
 
-def test_resume_mid_stage_reproduces_the_uninterrupted_losses(setup, tmp_path):
-    args = ['--align_iters=10', '--kd_iters=200', '--scratch_iters=0', '--eval_interval=1000']
+@pytest.mark.parametrize('stage,args', [
+    ('kd', ['--align_iters=10', '--kd_iters=200', '--scratch_iters=0']),
+    ('align', ['--align_iters=400', '--kd_iters=0', '--scratch_iters=0']),  # in the second layer's phase
+    ('scratch', ['--align_iters=0', '--kd_iters=0', '--scratch_iters=200'])])
+def test_resume_mid_stage_reproduces_the_uninterrupted_losses(setup, tmp_path, stage, args):
+    args = [*args, '--eval_interval=1000']
+    first = 205 if stage == 'align' else 5  # the step after which to stop it
     reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
     proc = distill(setup, resumed, *args, wait=False)
     deadline = time.time() + 240
-    while time.time() < deadline:  # stop it in the middle of the kd stage
-        if os.path.exists(resumed / 'log.jsonl') and len(train_losses(log_records(resumed), 'kd')) >= 5:
+    while time.time() < deadline:  # stop it in the middle of the stage
+        if os.path.exists(resumed / 'log.jsonl') and len(train_losses(log_records(resumed), stage)) >= first:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert 'Traceback' not in stderr
-    stopped_at = torch.load(resumed / 'ckpt.pt', weights_only=True)['stage_iter']
-    assert 5 <= stopped_at < 200
+    ckpt = torch.load(resumed / 'ckpt.pt', weights_only=True)
+    total = 400 if stage == 'align' else 200
+    assert ckpt['stage'] == stage and first <= ckpt['stage_iter'] < total
+    stopped_at = ckpt['stage_iter']
     distill(setup, resumed, *args, '--init_from=resume')
     distill(setup, reference, *args)
-    expected = dict(train_losses(log_records(reference), 'kd'))
-    got = train_losses(log_records(resumed), 'kd')
+    expected = dict(train_losses(log_records(reference), stage))
+    got = train_losses(log_records(resumed), stage)
     after = [(it, loss) for it, loss in got if it > stopped_at]
-    assert len(after) == 200 - stopped_at
+    assert len(after) == total - stopped_at
     assert all(loss == expected[it] for it, loss in after)
 
 
