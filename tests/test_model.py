@@ -134,6 +134,27 @@ def test_peak_flops_tells_the_h100_variants_apart(monkeypatch):
     assert model_module.peak_flops('cpu') is None  # a CPU run on a GPU machine
 
 
+@pytest.mark.parametrize('hyena_layers,scale', [([], 20.0), ([0, 1, 2], 4.0)])
+def test_a_full_cache_is_rebuilt_from_the_last_half_block(hyena_layers, scale):
+    # learned positions hold block_size (32) tokens: a cache that would pass them restarts from the last 16
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, hyena_layers=hyena_layers)).eval()
+    with torch.no_grad():  # larger weights than at init, so that the next token depends on more than the last one
+        for p in model.parameters():
+            p.mul_(scale if p.dim() > 1 else 1.0)
+    idx = torch.randint(0, 64, (2, 5))
+
+    def greedy(window):  # greedy decoding that restarts its context from the last `window` tokens
+        out, start = idx, 0
+        for end in range(5, 45):
+            if end - start > 32:
+                start = end - window
+            out = torch.cat([out, model(out[:, start:end])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        return out
+    assert not torch.equal(greedy(16), greedy(8))  # the window shows in the tokens
+    assert torch.equal(model.generate(idx, 40, temperature=0, use_cache=True), greedy(16))
+
+
 def test_optimizer_groups_filter_params_without_decay():
     model = GPT(GPTConfig(**TINY, hyena_layers=[0]))
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', filter_lr_scale=0.5)
