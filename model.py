@@ -42,8 +42,17 @@ class GPTConfig:
     hyena_short_filter_order: int = 3
 
     def __post_init__(self):
+        """Shapes the modules cannot build are ValueErrors naming the config key (the scripts check their settings
+        through here before anything runs: training.check_ranges)."""
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick an n_head that "
+                             f"divides it")
+        if self.hyena_order < 2:
+            raise ValueError(f"hyena_order={self.hyena_order} is out of range: it must be >= 2 (2 is the paper's "
+                             f"operator)")
+        if self.hyena_emb_dim < 3 or self.hyena_emb_dim % 2 == 0:
+            raise ValueError(f"hyena_emb_dim={self.hyena_emb_dim} must be odd and >= 3 (the filter's features: t "
+                             f"plus sin/cos pairs)")
         if isinstance(self.hyena_layers, str):  # training.parse_layers reads the scripts' '0,2' and 'all'
             raise ValueError(f"hyena_layers={self.hyena_layers!r}: pass a list of layer indices, e.g. [0, 2]")
         self.hyena_layers = sorted(set(int(i) for i in self.hyena_layers))

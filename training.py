@@ -42,7 +42,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -214,20 +214,19 @@ RANGES = {'> 0': lambda v: v > 0, '>= 0': lambda v: v >= 0, '>= -1': lambda v: v
 
 def check_ranges(config, ranges):
     """Values of the right type (configurator checks types) but out of range, as one-line errors naming the key,
-    before anything runs: ranges maps a rule of RANGES to the keys it applies to (None, "unset", passes). The Hyena
-    and attention shapes that the model's modules would reject with a traceback are checked here too, for the keys
-    config has."""
+    before anything runs: ranges maps a rule of RANGES to the keys it applies to (None, "unset", passes). Then the
+    model keys config has (n_head, hyena_emb_dim, ...) go through GPTConfig's own checks, which name the key,
+    where the modules built from them later would fail with a traceback."""
+    from model import GPTConfig
     for rule, keys in ranges.items():
         for key in keys:
             if config[key] is not None and not RANGES[rule](config[key]):
                 fail(f"{key}={config[key]!r} is out of range: it must be {rule}")
-    if config.get('hyena_order', 2) < 2:
-        fail(f"hyena_order={config['hyena_order']} is out of range: it must be >= 2 (2 is the paper's operator)")
-    emb_dim = config.get('hyena_emb_dim', 3)
-    if emb_dim < 3 or emb_dim % 2 == 0:
-        fail(f"hyena_emb_dim={emb_dim} must be odd and >= 3 (the filter's features: t plus sin/cos pairs)")
-    if 'n_head' in config and config['n_head'] > 0 and config['n_embd'] % config['n_head']:
-        fail(f"n_embd={config['n_embd']} is not divisible by n_head={config['n_head']}; pick an n_head that divides it")
+    shape = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config and f.name != 'hyena_layers'}
+    try:
+        GPTConfig(**shape)
+    except ValueError as e:
+        fail(str(e))
 
 
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's
